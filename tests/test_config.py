@@ -3,7 +3,8 @@ import json
 import pytest
 import yaml
 
-from phi3v_train.config import (ConfigError, build_deepspeed_config, load_config, lr_at, save_config)
+from phi3v_train.config import (REPO_ROOT, ConfigError, build_deepspeed_config, load_config, lr_at, save_config,
+                                validate_for_launch)
 
 
 def test_defaults_yaml_overrides(tmp_path):
@@ -64,3 +65,74 @@ def test_types_are_checked_and_coerced():
         load_config(None, ["optim.max_steps=ten"])
     with pytest.raises(ConfigError, match="logging.wandb: expected bool"):
         load_config(None, ["logging.wandb=maybe"])
+
+
+def test_list_fields_and_fault_config():
+    cfg = load_config(None, ["debug.nan_loss_steps=[2,5]", "debug.signal=SIGTERM", "debug.signal_step=3"])
+    assert cfg.debug.nan_loss_steps == [2, 5] and cfg.debug.signal == "SIGTERM"
+    assert load_config(None, ["debug.nan_loss_steps=4"]).debug.nan_loss_steps == [4]
+    assert load_config(None).requeue_on_preemption is True and load_config(None).process_group_timeout_s == 600
+    with pytest.raises(ConfigError, match="debug.nan_loss_steps: expected int"):
+        load_config(None, ["debug.nan_loss_steps=[x]"])
+    with pytest.raises(ConfigError, match="debug.signal="):
+        load_config(None, ["debug.signal=SIGKILL"])
+    with pytest.raises(ConfigError, match="wandb_mode"):
+        load_config(None, ["logging.wandb_mode=cloud"])
+    with pytest.raises(ConfigError, match="max_nonfinite_steps_in_row"):
+        load_config(None, ["optim.max_nonfinite_steps_in_row=0"])
+    with pytest.raises(ConfigError, match="keep_last"):
+        load_config(None, ["checkpoint.keep_last=0"])
+
+
+def test_deepspeed_json_that_disagrees_with_the_tree(tmp_path):
+    offload = REPO_ROOT / "configs/deepspeed/zero3_offload.json"
+    with pytest.raises(ConfigError, match="set deepspeed.offload_optimizer=true"):
+        build_deepspeed_config(load_config(None, [f"deepspeed.config={offload}"]), world_size=2)
+    ds = build_deepspeed_config(load_config(None, [f"deepspeed.config={offload}", "deepspeed.offload_optimizer=true"]), 2)
+    assert ds["zero_optimization"]["offload_optimizer"] == {"device": "cpu", "pin_memory": True}
+    with pytest.raises(ConfigError, match="does not exist"):
+        build_deepspeed_config(load_config(None, [f"deepspeed.config={tmp_path / 'nope.json'}"]), world_size=1)
+
+
+def _tiny_shards(tmp_path, width=400, height=400, answer="short"):
+    """A manifest + one tar of JSON records (the length check reads no image bytes)."""
+    import tarfile
+    import io
+
+    d = tmp_path / "shards"
+    d.mkdir()
+    with tarfile.open(d / "train-000000.tar", "w") as tar:
+        for i in range(3):
+            rec = {"key": f"k{i}", "prompt": "<|image_1|>What is shown in this image?", "answer": answer * (i + 1),
+                   "image_width": width, "image_height": height}
+            data = json.dumps(rec).encode()
+            info = tarfile.TarInfo(f"k{i}.json")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    (d / "manifest.json").write_text(json.dumps({"splits": {"train": {"shards": ["train-000000.tar"]}}}))
+    return d
+
+
+def test_validate_for_launch_says_what_to_fix(tmp_path):
+    shards = _tiny_shards(tmp_path)
+    ok = load_config(None, [f"data.shards={shards}", "packing.max_seq_len=512", "deepspeed.precision=fp32"])
+    assert validate_for_launch(ok, world_size=2)["train_batch_size"] == 2
+    # max_seq_len vs the longest record (the tiny model: 4 crops of 56 px); k2 is the longest.
+    with pytest.raises(ConfigError, match=r"sample 'k2' needs \d+ tokens .* > packing.max_seq_len=32: raise"):
+        validate_for_launch(load_config(None, [f"data.shards={shards}", "packing.max_seq_len=32"]), 1)
+    validate_for_launch(load_config(None, [f"data.shards={shards}", "packing.max_seq_len=32",
+                                           "packing.check_sample_lengths=0"]), 1)
+    with pytest.raises(ConfigError, match="data.shards=.*no manifest.json"):
+        validate_for_launch(load_config(None, [f"data.shards={tmp_path}"]), 1)
+    with pytest.raises(ConfigError, match="data.shards=.*no shards match"):
+        validate_for_launch(load_config(None, [f"data.shards={tmp_path}/nope-*.tar"]), 1)
+    with pytest.raises(ConfigError, match="data.shards=.*not found"):
+        validate_for_launch(load_config(None, [f"data.shards={tmp_path}/nope.tar"]), 1)
+    with pytest.raises(ConfigError, match="split_shards_by_rank needs >= 2 shards"):
+        validate_for_launch(load_config(None, [f"data.shards={shards}", "data.split_shards_by_rank=true"]), 2)
+    with pytest.raises(ConfigError, match="model.pretrained=.*no config.json"):
+        validate_for_launch(load_config(None, [f"data.shards={shards}", f"model.pretrained={tmp_path}"]), 1)
+    with pytest.raises(ConfigError, match="model.name='nosuch'"):
+        validate_for_launch(load_config(None, [f"data.shards={shards}", "model.name=nosuch"]), 1)
+    with pytest.raises(ConfigError, match="global_batch_size=3"):
+        validate_for_launch(load_config(None, [f"data.shards={shards}", "optim.global_batch_size=3"]), 2)

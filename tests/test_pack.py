@@ -5,7 +5,7 @@ import random
 import pytest
 import torch
 
-from phi3v_train.data.collate import IGNORE_INDEX, collate_packs
+from phi3v_train.data.collate import IGNORE_INDEX, IMAGE_TOKEN_ID, collate_packs, image_token_runs
 from phi3v_train.data.pack import Packer, best_fit_decreasing, packing_efficiency
 
 S = 4  # crop size of the synthetic pixel tensors
@@ -13,8 +13,10 @@ S = 4  # crop size of the synthetic pixel tensors
 
 def make_sample(key: str, num_tokens: int, num_prompt: int = 2, num_crops: int = 0,
                 num_images: int = 0, fill: float = 0.0) -> dict:
-    """A processor-like sample: ids 1000+i, labels on the answer part, constant-valued crops."""
+    """A processor-like sample: ids 1000+i, one image token per image at 0, 2, 4, ... (each its
+    own run), labels on the answer part, constant-valued crops."""
     ids = torch.arange(1000, 1000 + num_tokens)  # [T]
+    ids[0:2 * num_images:2] = IMAGE_TOKEN_ID
     labels = ids.clone()
     labels[:num_prompt] = IGNORE_INDEX
     return {
@@ -142,3 +144,82 @@ def test_collate_without_images_and_errors():
         collate_packs([[make_sample("x", 5), make_sample("y", 5)]], max_seq_len=8, crop_size=S)
     with pytest.raises(ValueError):
         collate_packs([], max_seq_len=8)
+
+
+# --- best_fill, padding images, image positions ---------------------------------------------
+
+def test_best_fill_is_an_exact_subset_sum():
+    import itertools
+
+    from phi3v_train.data.pack import best_fill
+
+    rng = random.Random(1)
+    for _ in range(200):
+        n, cap = rng.randint(1, 8), rng.randint(5, 60)
+        lengths = [rng.randint(0, cap) for _ in range(n)]
+        images = [rng.randint(0, 3) for _ in range(n)]
+        img_cap = rng.choice([None, 1, 2, 4])
+        forced = rng.choice([None, *range(n)])
+        if forced is not None and img_cap is not None and images[forced] > img_cap:
+            continue
+        got = best_fill(lengths, cap, img_cap, images, forced)
+        best = max(sum(lengths[i] for i in sub)
+                   for r in range(n + 1) for sub in itertools.combinations(range(n), r)
+                   if (forced is None or forced in sub) and sum(lengths[i] for i in sub) <= cap
+                   and (img_cap is None or sum(images[i] for i in sub) <= img_cap))
+        assert got == sorted(got) and sum(lengths[i] for i in got) == best
+        assert img_cap is None or sum(images[i] for i in got) <= img_cap
+        assert forced is None or forced in got
+
+
+@pytest.mark.parametrize("strategy", ["best_fill", "bfd"])
+def test_packer_strategies_emit_everything_once_with_bounded_wait(strategy):
+    rng = random.Random(2)
+    lengths = [rng.choice([1700, 1960, 2390, 2550]) + rng.randint(0, 40) for _ in range(1500)]
+    consumed = []
+
+    def items():
+        for i in range(len(lengths)):
+            consumed.append(i)
+            yield i
+
+    packer = Packer(items(), 8192, 64, size=lambda i: (lengths[i], 1), strategy=strategy, max_images_per_pack=4)
+    waits, seen = [], []
+    for pack in packer:
+        assert sum(lengths[i] for i in pack) <= 8192 and len(pack) <= 4 and pack == sorted(pack)
+        waits += [len(consumed) - 1 - i for i in pack]
+        seen += pack
+    assert sorted(seen) == list(range(len(lengths)))
+    assert max(waits) <= 4 * 2 * 64 + 64  # wait_factor x the (<= 2 x buffer_size) buffer, + a round
+
+
+def test_packer_reserves_room_for_padding_images_and_collate_pads():
+    samples = [make_sample(f"s{i}", n, num_prompt=2, num_crops=2 * k, num_images=k)
+               for i, (n, k) in enumerate([(20, 1), (9, 2), (30, 1), (5, 0), (12, 2), (25, 1), (7, 1)])]
+    L, K, p = 48, 3, 6
+    packs = list(Packer(iter(samples), L, buffer_size=4, pad_images_to=K, pad_image_tokens=p))
+    assert sorted(s["key"] for pk in packs for s in pk) == sorted(s["key"] for s in samples)
+    batch = collate_packs(packs, L, crop_size=S, pad_images_to=K, pad_image_tokens=p)
+    assert batch["image_sizes"].shape[0] == K * len(packs)
+    assert batch["num_images"] == 8 and batch["num_pad_images"] == K * len(packs) - 8
+    rows, cols = batch["image_positions"].unbind(1)
+    assert batch["input_ids"][rows, cols].eq(IMAGE_TOKEN_ID).all()
+    assert batch["pixel_values"].shape[0] == 2 * 8 + 2 * batch["num_pad_images"]
+    # padding images are unlabelled segments of their own; real tokens are unchanged
+    assert batch["num_tokens"] == sum(len(s["input_ids"]) for s in samples)
+    assert batch["num_label_tokens"] == sum(len(s["input_ids"]) - 2 for s in samples)
+    flat = batch["position_ids"].flatten()
+    assert torch.nonzero(flat == 0).flatten().tolist() == batch["cu_seqlens"][:-1].tolist()
+    with pytest.raises(ValueError, match="no room to pad"):
+        collate_packs([[samples[0], samples[5]]], L, crop_size=S, pad_images_to=K, pad_image_tokens=p)
+
+
+def test_collate_image_positions_and_empty_pack():
+    a = make_sample("a", 6, num_crops=2, num_images=2)  # image tokens at 0 and 2
+    b = make_sample("b", 5, num_crops=1, num_images=1)
+    batch = collate_packs([[a, b], []], 16, crop_size=S)
+    assert batch["image_positions"].tolist() == [[0, 0], [0, 2], [0, 6]]
+    assert batch["num_images"] == 3 and batch["input_ids"][1].eq(32000).all()
+    assert image_token_runs(torch.tensor([IMAGE_TOKEN_ID, IMAGE_TOKEN_ID, 5, IMAGE_TOKEN_ID])) == [(0, 2), (3, 4)]
+    with pytest.raises(ValueError, match="runs of image tokens"):
+        collate_packs([[make_sample("c", 5, num_crops=1, num_images=1) | {"image_sizes": torch.ones(2, 2)}]], 8)

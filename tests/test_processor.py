@@ -219,3 +219,28 @@ def test_sample_length_equals_encode(processor, config):
         prompt = proc.render_prompt(messages)
         assert proc.sample_length(image.width, image.height, prompt, answer) == len(sample["input_ids"])
         assert sample["pixel_values"].shape[-1] == proc.crop_size
+
+
+def test_transform_into_a_given_buffer_and_crop_count(processor):
+    image = Image.new("RGB", (400, 300), (200, 10, 30))
+    expected, size = hd_transform(image, 16)
+    assert processor.image_crop_count(400, 300) == expected.shape[0] == 13
+    buffer = torch.full((20, 3, 336, 336), 7.0)
+    prompt = processor.render_prompt([{"role": "user", "content": "<|image_1|>Hi"}])
+    sample = processor.encode(prompt, [image], "ok", pixel_out=buffer[3:16])
+    assert sample["pixel_values"].data_ptr() == buffer[3].data_ptr()  # written in place, no copy
+    assert torch.equal(buffer[3:16], expected) and (buffer[:3] == 7).all() and (buffer[16:] == 7).all()
+    with pytest.raises(ValueError, match="pixel_out has 14 crops, the images need 13"):
+        processor.encode(prompt, [image], "ok", pixel_out=buffer[:14])
+    with pytest.raises(ValueError, match="out has shape"):
+        hd_transform(image, 16, out=buffer[:5])
+
+
+def test_bfloat16_pixels_are_the_rounded_float32_ones(processor):
+    image = Image.open(LUMA / "images" / "mh01-gray_main.jpg")
+    fp32, size = hd_transform(image, 4)
+    bf16, size16 = hd_transform(image, 4, dtype=torch.bfloat16)
+    assert size == size16 and bf16.dtype == torch.bfloat16 and torch.equal(bf16, fp32.to(torch.bfloat16))
+    proc = Phi3VProcessor(processor.tokenizer, num_crops=4, pixel_dtype=torch.bfloat16)
+    prompt = proc.render_prompt([{"role": "user", "content": "<|image_1|>Hi"}])
+    assert proc.encode(prompt, [image], "ok")["pixel_values"].dtype == torch.bfloat16

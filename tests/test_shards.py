@@ -50,6 +50,11 @@ def small_source(tmp_path):
     return tmp_path, good, bad
 
 
+def listing(folder):
+    """File names in folder, without the hidden .state folder."""
+    return sorted(p.name for p in folder.iterdir() if not p.name.startswith("."))
+
+
 def read_split(out_dir, manifest, split):
     urls = [str(out_dir / name) for name in manifest["splits"][split]["shards"]]
     return list(wds.WebDataset(urls, shardshuffle=False, empty_check=False).decode("pil")) if urls else []
@@ -64,8 +69,11 @@ def test_small_csv_with_bad_rows(small_source, tmp_path):
     train, val = manifest["splits"]["train"], manifest["splits"]["val"]
     assert train["num_samples"] + val["num_samples"] == 8 and val["num_samples"] >= 1
     assert train["shards"][0] == "train-000000.tar" and val["shards"][0] == "val-000000.tar"
-    assert len(train["shards"]) == -(-train["num_samples"] // 3)
-    assert sorted(p.name for p in out.iterdir()) == sorted(train["shards"] + val["shards"] + ["manifest.json"])
+    # at most 3 per shard (a shard planned with the corrupt image holds one sample less)
+    counts = [i["num_samples"] for i in train["shard_info"]]
+    assert sum(counts) == train["num_samples"] and all(1 <= c <= 3 for c in counts)
+    assert [i["name"] for i in train["shard_info"]] == train["shards"]
+    assert listing(out) == sorted(train["shards"] + val["shards"] + ["manifest.json"])
 
     reasons = {s["key"]: (s["row"], s["reason"]) for s in manifest["skipped"]}
     assert manifest["num_skipped"] == 6 and len(reasons) == 6
@@ -115,7 +123,7 @@ def test_split_is_deterministic_and_independent_of_row_order(small_source, tmp_p
     assert digest(tmp_path / "a", first) == digest(tmp_path / "b", second)  # byte-identical tars
     # Rewriting into the same folder with bigger shards removes the stale ones.
     third = write_shards(root / "products.csv", root, tmp_path / "a", val_fraction=0.3, samples_per_shard=64)
-    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["manifest.json", "train-000000.tar", "val-000000.tar"]
+    assert listing(tmp_path / "a") == ["manifest.json", "train-000000.tar", "val-000000.tar"]
     assert third["splits"]["train"]["num_samples"] == first["splits"]["train"]["num_samples"]
 
 
@@ -151,3 +159,143 @@ def test_shard_records_feed_the_processor(small_source, tmp_path):
         assert len(encoded["input_ids"]) == processor.record_length(sample["json"])
         answer = processor.tokenizer.decode(encoded["labels"][encoded["labels"] != -100][:-1])
         assert answer == sample["json"]["answer"] and encoded["key"] == sample["__key__"]
+
+
+# --- sources, parallelism, shard size, re-runs, manifest lengths ------------------------------
+
+def tar_digests(folder):
+    return {p.name: hashlib.sha1(p.read_bytes()).hexdigest() for p in sorted(folder.glob("*.tar"))}
+
+
+def test_sources_tsv_jsonl_parquet_and_saved_dataset(small_source, tmp_path):
+    """The same 8 products from four formats; images by path (tsv, jsonl) or embedded bytes
+    (parquet, datasets.Image); custom field names and templates."""
+    import datasets
+
+    from phi3v_train.data.sources import FieldMap
+
+    root, good, _ = small_source
+    rows = [{"sku": r["product_code"], "name": r["title"], "usd": r["full_price"], "img": r["imageurl"],
+             "cat": r["category3_code"]} for r in good]
+    fields = FieldMap(key="sku", title="name", price="usd", image="img", category="cat")
+    kw = dict(fields=fields, prompt_template="<|image_1|>Name and price?", answer_template="{title} costs {full_price}",
+              val_fraction=0.0)
+    with open(root / "p.tsv", "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]), delimiter="\t")
+        writer.writeheader()
+        writer.writerows(rows)
+    (root / "p.jsonl").write_text("".join(json.dumps(dict(r, usd=float(r["usd"]))) + "\n" for r in rows))
+    embedded = [dict(r, img=(root / r["img"]).read_bytes()) for r in rows]
+    datasets.Dataset.from_list(embedded).to_parquet(str(root / "p.parquet"))
+    ds = datasets.Dataset.from_list([dict(r, img=str(root / r["img"])) for r in rows])
+    ds.cast_column("img", datasets.Image()).save_to_disk(str(root / "saved"))
+
+    outputs = {}
+    for name in ("p.tsv", "p.jsonl", "p.parquet", "saved"):
+        manifest = write_shards(root / name, root, tmp_path / "out" / name, **kw)
+        assert manifest["num_skipped"] == 0 and manifest["splits"]["train"]["num_samples"] == 8
+        samples = read_split(tmp_path / "out" / name, manifest, "train")
+        outputs[name] = {s["__key__"]: (s["json"]["answer"], s["json"]["full_price"]) for s in samples}
+        assert samples[0]["json"]["prompt"] == "<|image_1|>Name and price?"
+    assert all(o == outputs["p.tsv"] for o in outputs.values())
+    r = good[0]
+    assert outputs["p.tsv"][sanitize_key(r["product_code"])] == (f"{r['title'].strip()} costs {float(r['full_price'])}",
+                                                                float(r["full_price"]))
+
+
+def test_parallel_workers_write_the_same_bytes_and_shards_cut_by_bytes(small_source, tmp_path):
+    root, good, _ = small_source
+    one = write_shards(root / "products.csv", root, tmp_path / "one", samples_per_shard=2, val_fraction=0.2)
+    two = write_shards(root / "products.csv", root, tmp_path / "two", samples_per_shard=2, val_fraction=0.2,
+                       num_workers=2, progress=True)
+    assert tar_digests(tmp_path / "one") == tar_digests(tmp_path / "two") and len(tar_digests(tmp_path / "one")) >= 4
+    assert one["splits"] == two["splits"] and one["skipped"] == two["skipped"]
+
+    sizes = {sanitize_key(r["product_code"]): (root / r["imageurl"]).stat().st_size for r in good}
+    limit = 2 * max(sizes.values()) + 2000  # two or three images per shard
+    manifest = write_shards(root / "products.csv", root, tmp_path / "bytes", samples_per_shard=100,
+                            max_shard_bytes=limit, val_fraction=0.0)
+    train = manifest["splits"]["train"]
+    assert len(train["shards"]) >= 3
+    samples = train["samples"]
+    for i, info in enumerate(train["shard_info"]):
+        keys = [k for k, s in zip(samples["key"], samples["shard"]) if s == i]
+        assert len(keys) == info["num_samples"]
+        assert len(keys) == 1 or sum(sizes[k] + 1536 for k in keys) <= limit
+
+
+def test_rerun_keeps_complete_shards_and_a_crash_leaves_no_partial_tar(small_source, tmp_path, monkeypatch):
+    import phi3v_train.data.shards as shards_mod
+
+    root, _, _ = small_source
+    out = tmp_path / "out"
+    kw = dict(samples_per_shard=2, val_fraction=0.0)
+    first = write_shards(root / "products.csv", root, out, **kw)
+    digests = tar_digests(out)
+    names = first["splits"]["train"]["shards"]
+    assert first["shards_kept"] == 0 and len(names) >= 3
+    stamps = {n: (out / n).stat().st_mtime_ns for n in names}
+
+    # A crash in the middle of a shard: no tar under a final name is partial, no .tmp is left.
+    (out / names[1]).unlink()
+    (out / "manifest.json").unlink()
+    calls = {"n": 0}
+    real = shards_mod.prepare_image
+
+    def crash_on_second(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise RuntimeError("killed")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(shards_mod, "prepare_image", crash_on_second)
+    with pytest.raises(RuntimeError, match="killed"):
+        write_shards(root / "products.csv", root, out, **kw)
+    assert not list(out.glob("*.tmp")) and not (out / names[1]).exists()
+    for name in names[2:]:
+        with tarfile.open(out / name) as tar:  # complete and readable
+            assert len(tar.getnames()) in (2, 4)  # image + json per sample
+    monkeypatch.setattr(shards_mod, "prepare_image", real)
+
+    # The re-run rewrites only the missing shard, byte-identical; the rest is kept untouched.
+    (out / "train-000099.tar").write_bytes(b"stale")  # an old shard of ours: removed
+    again = write_shards(root / "products.csv", root, out, **kw)
+    assert again["shards_kept"] == len(names) - 1
+    assert tar_digests(out) == digests
+    assert all((out / n).stat().st_mtime_ns == stamps[n] for n in names if n != names[1])
+    assert {k: v for k, v in again.items() if k != "shards_kept"} == {k: v for k, v in first.items() if k != "shards_kept"}
+    # A changed option changes every fingerprint: nothing is kept.
+    assert write_shards(root / "products.csv", root, out, downscale=True, **kw)["shards_kept"] == 0
+
+
+def test_manifest_token_lengths_equal_the_processor(small_source, tmp_path):
+    from phi3v_train.data.process import RecordProcessor
+    from phi3v_train.model.processor import Phi3VProcessor
+
+    root, _, _ = small_source
+    manifest = write_shards(root / "products.csv", root, tmp_path / "s", num_crops=4, crop_size=56, val_fraction=0.0)
+    processor = Phi3VProcessor.from_pretrained(num_crops=4, crop_size=56)
+    columns = manifest["splits"]["train"]["samples"]
+    lengths = dict(zip(columns["key"], columns["num_tokens"]))
+    text = dict(zip(columns["key"], columns["num_text_tokens"]))
+    assert manifest["lengths"]["num_crops"] == 4 and sum(lengths.values()) == manifest["splits"]["train"]["num_tokens"]
+    for sample in read_split(tmp_path / "s", manifest, "train"):
+        encoded = RecordProcessor(processor)(sample["json"], sample["jpg"])
+        assert lengths[sample["__key__"]] == len(encoded["input_ids"])
+        w, h = sample["jpg"].size
+        assert text[sample["__key__"]] == len(encoded["input_ids"]) - processor.image_token_count(w, h)
+
+
+def test_cli_shards_with_options(small_source, tmp_path, capsys):
+    from phi3v_train.cli import main
+
+    root, _, _ = small_source
+    out = tmp_path / "cli"
+    rc = main(["shards", "--source", str(root / "products.csv"), "--images-root", str(root), "--out", str(out),
+               "--workers", "2", "--samples-per-shard", "3", "--max-shard-bytes", "60000", "--no-progress",
+               "--field", "category=category2_code", "--answer-template", "{title} | {category}"])
+    assert rc == 0 and "skipped 6" in capsys.readouterr().out
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["fields"]["category"] == "category2_code" and manifest["max_shard_bytes"] == 60000
+    sample = read_split(out, manifest, "train")[0]
+    assert sample["json"]["answer"] == f"{sample['json']['title']} | {sample['json']['category']}"

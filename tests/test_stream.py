@@ -17,17 +17,31 @@ NUM_SHARDS, PER_SHARD = 4, 6
 CORRUPT_KEY = "s2-003"
 
 
-def fake_process(record: dict, image) -> dict:
-    """Stand-in for Phi3VProcessor: length from the record, one crop valued by the pixel."""
-    if record.get("fail"):
-        raise ValueError("processor rejects this record")
-    n = record["num_tokens"]
-    ids = torch.full((n,), 7, dtype=torch.long)
-    labels = ids.clone()
-    labels[: n // 2] = -100
-    pixel = float(image.getpixel((0, 0))[0])
-    return {"input_ids": ids, "labels": labels, "pixel_values": torch.full((1, 3, S, S), pixel),
-            "image_sizes": torch.tensor([[S, S]]), "key": record["key"]}
+class FakeProcess:
+    """Stand-in for RecordProcessor: length from the record, one image token (a run of one) at
+    position 1, one crop valued by the pixel. Counts its calls (in this process)."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def num_tokens(self, record: dict, image_size) -> int:
+        return record["num_tokens"]
+
+    def __call__(self, record: dict, image) -> dict:
+        self.calls += 1
+        if record.get("fail"):
+            raise ValueError("processor rejects this record")
+        n = record["num_tokens"]
+        ids = torch.full((n,), 7, dtype=torch.long)
+        ids[1] = 32044
+        labels = ids.clone()
+        labels[: n // 2] = -100
+        pixel = float(image.getpixel((0, 0))[0])
+        return {"input_ids": ids, "labels": labels, "pixel_values": torch.full((1, 3, S, S), pixel),
+                "image_sizes": torch.tensor([[S, S]]), "key": record["key"]}
+
+
+fake_process = FakeProcess()
 
 
 def png(value: int) -> bytes:
@@ -64,7 +78,8 @@ def train_loader(shards, **kw):
     args = dict(max_seq_len=L, micro_batch_size=2, rank=0, world_size=2, num_workers=0, seed=1,
                 buffer_size=8, crop_size=S, shuffle_buffer=10)
     args.update(kw)
-    return build_train_loader(str(shards / "train-{000000..000003}.tar"), fake_process, **args)
+    process_fn = args.pop("process_fn", fake_process)
+    return build_train_loader(str(shards / "train-{000000..000003}.tar"), process_fn, **args)
 
 
 def keys(batches):
@@ -84,7 +99,6 @@ def test_ranks_differ_and_same_seed_repeats(shards):
     assert r0 != r1
     assert r0 == keys(take(train_loader(shards, rank=0), 6))
     assert r0 != keys(take(train_loader(shards, rank=0, seed=2), 6))
-    assert r0 != keys(take(train_loader(shards, rank=0, epoch_shuffle=1), 6))
 
 
 def test_same_seed_same_batches_with_workers(shards):
@@ -114,8 +128,9 @@ def test_eval_one_pass_split_by_rank_and_bad_samples_counted(shards, caplog, num
     assert set(seen[0]) | set(seen[1]) == everything - bad
     assert len(seen[0]) + len(seen[1]) == len(everything - bad)
     total = {k: stats[0][k] + stats[1][k] for k in stats[0]}
-    assert total == {"num_read": 24, "num_bad_decode": 1, "num_bad_process": 1,
-                     "num_dropped": 1, "num_bad_shards": 0}
+    assert total == {"num_read": 24, "num_bad_decode": 1, "num_bad_process": 1, "num_overlong": 1,
+                     "num_truncated": 0, "num_dropped": 0, "num_length_mismatch": 0,
+                     "num_bad_shards": 0, "num_skipped_batches": 0}
     if num_workers == 0:  # worker processes log to their own stderr
         assert all(k in caplog.text for k in (CORRUPT_KEY, "s3-004", "s1-002"))
 
@@ -141,3 +156,63 @@ def test_expand_urls(shards):
         expand_urls(str(shards / "val-*.tar"))
     with pytest.raises(ValueError, match="not found"):
         expand_urls(str(shards / "train-{000000..000009}.tar"))
+
+
+def assert_same_batches(xs, ys):
+    assert len(xs) == len(ys)
+    for x, y in zip(xs, ys):
+        assert x["sample_keys"] == y["sample_keys"]
+        for name in ("input_ids", "labels", "position_ids", "cu_seqlens", "pixel_values", "image_sizes"):
+            assert torch.equal(x[name], y[name]), name
+
+
+@pytest.mark.parametrize("num_workers,rank,starts", [(0, 0, (5,)), (2, 0, (3, 4)), (2, 1, (3,))])
+def test_resume_yields_the_uninterrupted_batches(shards, num_workers, rank, starts):
+    """Restart at micro-batch k == the uninterrupted run from k on (2 ranks x 2 workers included)."""
+    total = 9
+    full = take(train_loader(shards, num_workers=num_workers, rank=rank), total)
+    for k in starts:
+        resumed = take(train_loader(shards, num_workers=num_workers, rank=rank, start_batch=k), total - k)
+        assert_same_batches(full[k:], resumed)
+
+
+def test_only_packed_samples_are_processed_and_replay_processes_nothing(shards):
+    proc = FakeProcess()
+    loader = train_loader(shards, start_batch=4, process_fn=proc)
+    batches = take(loader, 2)
+    # process_fn ran once per sample of the two emitted batches (+ the ones it rejected), never
+    # for the 4 replayed batches or the samples still waiting in the buffers
+    assert proc.calls == sum(b["num_samples"] for b in batches) + loader.stats.num_bad_process
+    assert loader.stats.num_skipped_batches == 4
+
+
+def test_pipe_urls_and_overlong_truncation(shards):
+    urls = [f"pipe:cat {p}" for p in sorted(shards.glob("train-*.tar"))]
+    loader = build_eval_loader(urls, fake_process, max_seq_len=L, rank=0, world_size=1, num_workers=0,
+                               crop_size=S, overlong="truncate")
+    batches = list(loader)
+    lengths = {k: int(n) for b in batches for k, n in zip(b["sample_keys"], torch.diff(b["cu_seqlens"]).tolist())}
+    assert lengths["s1-002"] == L  # L + 1 tokens cut to L (its image token at 1 kept)
+    assert loader.stats.num_truncated == 1 and loader.stats.num_overlong == 0
+    assert len(lengths) == NUM_SHARDS * PER_SHARD - 2  # the corrupt image and the rejected record
+    assert expand_urls("pipe:cat /x/a-{0..2}.tar") == [f"pipe:cat /x/a-{i}.tar" for i in range(3)]
+    assert expand_urls("pipe:ls /x/*.tar") == ["pipe:ls /x/*.tar"]  # no globbing of commands
+
+
+def test_pad_images_to_gives_equal_image_counts(shards):
+    batches = take(train_loader(shards, pad_images_to=3, pad_image_tokens=4), 6)
+    for b in batches:
+        assert b["image_sizes"].shape[0] == 2 * 3 == b["num_images"] + b["num_pad_images"]
+        assert b["pixel_values"].shape[0] == b["num_images"] + 2 * b["num_pad_images"]
+        assert b["image_positions"].shape == (6, 2)
+        # every image position holds an image token; padding images are unlabelled
+        rows, cols = b["image_positions"].unbind(1)
+        assert b["input_ids"][rows, cols].eq(32044).all()
+    assert sum(b["num_pad_images"] for b in batches) > 0
+
+
+def test_unpacked_baseline_one_sample_per_row(shards):
+    batches = take(train_loader(shards, pack=False), 4)
+    assert all(1 <= b["num_samples"] <= 2 for b in batches)  # B = 2 rows, at most one sample each
+    # per row: the sample and the padding tail (a sample the processor rejects leaves a padding row)
+    assert all(len(b["cu_seqlens"]) - 1 == b["num_samples"] + 2 for b in batches)

@@ -5,6 +5,7 @@ Examples::
     phi3v-train shards --source data/luma/products.csv --images-root data/luma --out runs/shards
     torchrun --standalone --nproc_per_node 2 -m phi3v_train.cli train --config configs/train/demo.yaml
     phi3v-train demo
+    phi3v-train export --run-dir runs/demo --out runs/demo/hf
 """
 
 from __future__ import annotations
@@ -21,23 +22,65 @@ from .config import REPO_ROOT, ConfigError, load_config
 
 
 def cmd_shards(args) -> int:
-    from .data.shards import write_shards
+    from .data.shards import DEFAULT_ANSWER, DEFAULT_PROMPT, write_shards
+    from .data.sources import FieldMap
 
-    manifest = write_shards(args.source, args.images_root, args.out, val_fraction=args.val_fraction,
-                            samples_per_shard=args.samples_per_shard, seed=args.seed)
+    manifest = write_shards(
+        args.source, args.images_root, args.out, val_fraction=args.val_fraction,
+        samples_per_shard=args.samples_per_shard, max_shard_bytes=args.max_shard_bytes, seed=args.seed,
+        prompt_template=args.prompt_template or DEFAULT_PROMPT, answer_template=args.answer_template or DEFAULT_ANSWER,
+        fields=FieldMap.from_pairs(args.field), source_format=args.format, source_split=args.split,
+        num_workers=args.workers, progress=not args.no_progress, downscale=args.downscale,
+        num_crops=args.num_crops, max_image_pixels=args.max_image_pixels or None)
     splits = {k: v["num_samples"] for k, v in manifest["splits"].items()}
-    print(f"wrote {args.out}: {splits}, skipped {manifest['num_skipped']}")
+    print(f"wrote {args.out}: {splits}, skipped {manifest['num_skipped']}, repaired {manifest['num_repaired']}, "
+          f"kept {manifest['shards_kept']} complete shard(s) from an earlier run")
     for s in manifest["skipped"][:20]:
         print(f"  skipped row {s.get('row')}: {s['reason']}")
+    if manifest["num_skipped"] > 20:
+        print(f"  ... {manifest['num_skipped'] - 20} more in {args.out}/manifest.json")
     return 0
 
 
 def cmd_train(args) -> int:
-    from .train import train
+    """Exit codes: 0 done, 2 bad config, 3 preempted (checkpoint saved: requeue), 4 a peer rank died
+    or hung, 5 too many non-finite steps in a row (see train.py)."""
+    from .dist import PeerLostError
+    from .train import NONFINITE_EXIT_CODE, PEER_LOST_EXIT_CODE, PREEMPTED_EXIT_CODE, NonFiniteLossError, train
 
     cfg = load_config(args.config, args.overrides)
-    train(cfg)
+    try:
+        summary = train(cfg)
+    except PeerLostError as e:
+        print(f"phi3v-train train: error: {e}", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(PEER_LOST_EXIT_CODE)  # no clean shutdown: teardown over a broken process group can hang
+    except NonFiniteLossError as e:
+        print(f"phi3v-train train: error: {e}", file=sys.stderr)
+        return NONFINITE_EXIT_CODE
+    return PREEMPTED_EXIT_CODE if summary.get("preempted") else 0
+
+
+def cmd_export(args) -> int:
+    import torch
+
+    from .checkpoint import export
+
+    dtype = {"fp32": None, "bf16": torch.bfloat16}[args.dtype]
+    out = export(args.run_dir, args.out, tag=args.tag, dtype=dtype)
+    print(f"exported {args.run_dir} ({args.tag or 'latest checkpoint'}) -> {out}")
     return 0
+
+
+def cmd_submit(args) -> int:
+    """Forward to the submitit launcher, ``launch/submit.py`` (its own options and --help)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("phi3v_launch_submit", REPO_ROOT / "launch" / "submit.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # TrainJob is pickled by value from it (see the module's end)
+    spec.loader.exec_module(module)
+    return module.main(args.argv)
 
 
 def cpu_torchrun_env() -> dict:
@@ -74,6 +117,9 @@ def cmd_demo(args) -> int:
     if rc != 0:
         print(f"[demo] training failed with exit code {rc}; logs in {run_dir / 'logs'}", file=sys.stderr)
         return rc
+    from .eval import demo_eval, format_demo_eval
+
+    eval_rc = 0 if args.no_eval else demo_eval(run_dir, args.nproc)  # before/after fine-tuning, held-out val
     s = json.loads((run_dir / "summary.json").read_text())
     print("\n== phi3v-train demo summary")
     print(f"  model            tiny Phi-3-V, {s['num_params']:,} parameters, ZeRO-3 on {s['world_size']} CPU ranks")
@@ -83,21 +129,40 @@ def cmd_demo(args) -> int:
     print(f"  packing          {100 * s['packing_efficiency']:.1f}% of token slots are real tokens")
     print(f"  checkpoint       {s['checkpoint']}")
     print(f"  run directory    {run_dir}  (config.yaml, metrics.jsonl, logs/)")
+    if not args.no_eval:
+        print(format_demo_eval(run_dir) or f"  eval             failed (exit code {eval_rc})")
     print(f"  wall time        {time.time() - t0:.0f} s")
-    return 0
+    return eval_rc
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="phi3v-train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
 
-    s = sub.add_parser("shards", help="write WebDataset shards + manifest.json from a CSV of image paths and metadata")
-    s.add_argument("--source", required=True, help="CSV in the reference (Burberry) schema")
-    s.add_argument("--images-root", required=True, help="directory the CSV's imageurl paths are relative to")
+    s = sub.add_parser("shards", help="write WebDataset shards + manifest.json from a product table and its images")
+    s.add_argument("--source", required=True, help="CSV, TSV, JSONL, parquet, or a `datasets` save_to_disk folder "
+                                                   "(default schema: Burberry product prices)")
+    s.add_argument("--format", choices=["csv", "tsv", "jsonl", "parquet", "dataset"], help="default: from the path")
+    s.add_argument("--split", help="split of a saved DatasetDict (default: its only split, else train)")
+    s.add_argument("--images-root", help="directory image paths are relative to (default: the source's folder)")
     s.add_argument("--out", required=True, help="output directory for the tars and manifest.json")
+    s.add_argument("--field", action="append", default=[], metavar="NAME=COLUMN",
+                   help="column of a field (key, title, price, image, category, category1, category2, currency); "
+                        "repeatable; an empty COLUMN drops an optional field, e.g. --field price=")
+    s.add_argument("--prompt-template", help="user message with <|image_1|> (default: the reference prompt)")
+    s.add_argument("--answer-template", help="str.format over the columns (default: "
+                                             "'Product: {title}, Category: {category3_code}, Full Price: {full_price}')")
     s.add_argument("--val-fraction", type=float, default=0.1, help="fraction of samples in the validation split")
-    s.add_argument("--samples-per-shard", type=int, default=64)
-    s.add_argument("--seed", type=int, default=0, help="seed of the deterministic train/val split")
+    s.add_argument("--samples-per-shard", type=int, default=64, help="at most this many samples per tar")
+    s.add_argument("--max-shard-bytes", type=int, help="also cut tars at about this many bytes")
+    s.add_argument("--seed", type=int, default=0, help="seed of the deterministic train/val split and order")
+    s.add_argument("--workers", type=int, default=max(1, min(8, os.cpu_count() or 1)), help="processes")
+    s.add_argument("--no-progress", action="store_true", help="no progress bar")
+    s.add_argument("--downscale", action="store_true",
+                   help="store images larger than the HD transform uses at --num-crops at that size")
+    s.add_argument("--num-crops", type=int, default=16, help="HD crop budget of the manifest's token lengths")
+    s.add_argument("--max-image-pixels", type=int, default=89_478_485,
+                   help="skip larger images (decompression-bomb guard; 0: no limit)")
     s.set_defaults(fn=cmd_shards)
 
     t = sub.add_parser("train", help="train on this rank (launch with torchrun or srun)")
@@ -105,11 +170,38 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.lr=1e-4")
     t.set_defaults(fn=cmd_train)
 
+    # everything after `submit` goes to launch/submit.py's own parser (prefix_chars: no option here)
+    sm = sub.add_parser("submit", add_help=False, prefix_chars="\0",
+                        help="submit training to SLURM with submitit (see `phi3v-train submit --help`)")
+    sm.add_argument("argv", nargs="*")
+    sm.set_defaults(fn=cmd_submit)
+
+    e = sub.add_parser("export", help="consolidate a ZeRO-3 training checkpoint into an HF-format model directory "
+                                      "(official key names, safetensors)")
+    e.add_argument("--run-dir", required=True, help="training run directory (holds checkpoints/)")
+    e.add_argument("--tag", help="checkpoint to export, e.g. step_0000200 (default: the one a resume would use)")
+    e.add_argument("--out", required=True, help="output model directory (loads with model.pretrained=DIR)")
+    e.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="tensor dtype written (default fp32)")
+    e.set_defaults(fn=cmd_export)
+
     d = sub.add_parser("demo", help="shards from the bundled real photos + 2-rank ZeRO-3 CPU training + summary")
     d.add_argument("--run-dir", default="runs/demo")
     d.add_argument("--nproc", type=int, default=2, help="CPU ranks")
     d.add_argument("overrides", nargs="*", help="key=value overrides for the training config")
+    d.add_argument("--no-eval", action="store_true", help="skip the evaluation on the held-out val split")
     d.set_defaults(fn=cmd_demo)
+
+    from .eval import add_eval_parser  # stdlib-only at import: cheap
+
+    add_eval_parser(sub)
+    from .bench import add_bench_parser  # no torch at import: cheap
+    from .plan import add_plan_parser
+
+    bench_sub = add_bench_parser(sub)  # returns the `bench` sub-parsers: add `bench data` / `bench memory` to them
+    from .bench_data import add_parser as add_bench_data_parser
+
+    add_bench_data_parser(bench_sub)
+    add_plan_parser(sub)
     return p
 
 

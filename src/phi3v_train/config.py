@@ -40,6 +40,14 @@ class ModelConfig:
     """Recompute LM and CLIP layer activations in backward (non-reentrant) to save memory."""
     loss_chunk_size: int = 4096
     """Tokens per chunk of the chunked cross-entropy; logits are never held for more than this."""
+    loss_impl: str = "auto"
+    """auto (Liger's fused linear cross-entropy on CUDA when installed, else chunked) | chunked | liger."""
+    freeze_vision: bool = False
+    """Freeze the CLIP tower (img_processor)."""
+    freeze_projector: bool = False
+    """Freeze img_projection and the glb_GN/sub_GN separators."""
+    freeze_lm: bool = False
+    """Freeze the language model (layers, norm, lm_head and the text embedding)."""
 
     def __post_init__(self):
         valid = {"eager", "sdpa", "flex_attention", "flash_attention_2"}
@@ -47,6 +55,10 @@ class ModelConfig:
             raise ConfigError(f"model.attn_implementation={self.attn_implementation!r}: use one of {sorted(valid)}")
         if self.loss_chunk_size <= 0:
             raise ConfigError("model.loss_chunk_size must be > 0 (tokens)")
+        if self.loss_impl not in {"auto", "chunked", "liger"}:
+            raise ConfigError(f"model.loss_impl={self.loss_impl!r}: use auto, chunked or liger")
+        if self.freeze_vision and self.freeze_projector and self.freeze_lm:
+            raise ConfigError("model.freeze_*: everything is frozen, nothing would train")
 
 
 @dataclass
@@ -79,12 +91,31 @@ class PackingConfig:
     """Tokens per packed sequence (text + image tokens of all samples in it, plus padding)."""
     buffer_size: int = 64
     """Samples buffered by the packer before best-fit-decreasing packs them."""
+    check_sample_lengths: int = 2000
+    """Shard records whose token length (text + image tokens, from the record's image size) is
+    checked against max_seq_len before launch; a longer one is a configuration error, since the
+    stream would silently drop it. 0 = skip the check (over-long samples are then dropped and
+    counted)."""
+    enabled: bool = True
+    """Pack several samples per sequence; false = one sample per sequence, padded to max_seq_len
+    (the unpacked baseline `phi3v-train bench` compares against)."""
+    overlong: str = "drop"
+    """A sample longer than max_seq_len: "drop" (skipped and counted) or "truncate" (text only,
+    never inside an image; a sample whose images alone do not fit is still dropped)."""
+    strategy: str = "best_fill"
+    """best_fill (each pack is the buffer subset that fills it best) | bfd (best-fit-decreasing)."""
 
     def __post_init__(self):
         if self.max_seq_len < 16:
             raise ConfigError("packing.max_seq_len must be >= 16 tokens")
         if self.buffer_size < 1:
             raise ConfigError("packing.buffer_size must be >= 1")
+        if self.check_sample_lengths < 0:
+            raise ConfigError("packing.check_sample_lengths must be >= 0 (records; 0 = off)")
+        if self.overlong not in {"drop", "truncate"}:
+            raise ConfigError(f"packing.overlong={self.overlong!r}: use drop or truncate")
+        if self.strategy not in {"best_fill", "bfd"}:
+            raise ConfigError(f"packing.strategy={self.strategy!r}: use best_fill or bfd")
 
 
 @dataclass
@@ -112,6 +143,9 @@ class OptimConfig:
     global_batch_size: int | None = None
     """Packed sequences per optimizer step over all ranks; if set it must equal
     micro_batch_size * gradient_accumulation_steps * data-parallel size."""
+    max_nonfinite_steps_in_row: int = 5
+    """A step whose loss or gradient norm is NaN/inf is skipped (no update, counted in the
+    metrics); this many skipped steps in a row stop the run with an error (exit code 5)."""
 
     def __post_init__(self):
         self.betas = tuple(self.betas)
@@ -121,6 +155,8 @@ class OptimConfig:
             raise ConfigError("optim.micro_batch_size and optim.gradient_accumulation_steps must be >= 1")
         if not 0 <= self.min_lr_ratio <= 1:
             raise ConfigError("optim.min_lr_ratio must be in [0, 1]")
+        if self.max_nonfinite_steps_in_row < 1:
+            raise ConfigError("optim.max_nonfinite_steps_in_row must be >= 1")
 
 
 @dataclass
@@ -148,20 +184,82 @@ class LoggingConfig:
     """Log to Weights & Biases too (offline mode unless WANDB_API_KEY is set)."""
     wandb_project: str = "phi3v-train"
     """W&B project name."""
+    wandb_mode: str = "auto"
+    """auto: online when WANDB_API_KEY is set (or WANDB_MODE says so), else offline (files under
+    <run_dir>/wandb, upload later with `wandb sync`); offline; online."""
+    peak_tflops: float | None = None
+    """Peak dense TFLOP/s per device for MFU; None = the table in flops.py (A100, H100, H200) from
+    the GPU name. CPUs have no table entry: MFU is null on CPU unless this is set."""
 
     def __post_init__(self):
         if self.log_every < 1:
             raise ConfigError("logging.log_every must be >= 1")
+        if self.wandb_mode not in {"auto", "offline", "online"}:
+            raise ConfigError(f"logging.wandb_mode={self.wandb_mode!r}: use auto, offline or online")
+        if self.peak_tflops is not None and self.peak_tflops <= 0:
+            raise ConfigError("logging.peak_tflops must be > 0 (TFLOP/s per device) or null")
+
+
+@dataclass
+class ProfilingConfig:
+    enabled: bool = False
+    """Run torch.profiler on a step schedule; traces per rank in <run_dir>/profile (profiling.py)."""
+    wait: int = 5
+    """Optimizer steps skipped before each profiling cycle."""
+    warmup: int = 2
+    """Steps recorded and discarded (profiler warm-up) before the active steps."""
+    active: int = 3
+    """Steps recorded into each trace."""
+    repeat: int = 1
+    """Profiling cycles (0 = until the end of the run)."""
+    record_shapes: bool = False
+    """Record operator input shapes (slower, bigger traces)."""
+    profile_memory: bool = False
+    """Record tensor allocations (memory timeline in the trace)."""
+    with_stack: bool = False
+    """Record Python stacks of operators (slow)."""
+
+    def __post_init__(self):
+        if self.wait < 0 or self.warmup < 0 or self.active < 1 or self.repeat < 0:
+            raise ConfigError("profiling: need wait >= 0, warmup >= 0, active >= 1, repeat >= 0 (steps)")
 
 
 @dataclass
 class CheckpointConfig:
     save_every: int = 0
-    """Save every N optimizer steps (0 = only at the end)."""
+    """Save every N optimizer steps (0 = only at the end). Also saved at the end, on
+    SIGUSR1/SIGUSR2/SIGTERM (then the run stops, exit code 3) and when the file
+    <run_dir>/SAVE_NOW appears (then the run goes on; the file is removed)."""
     keep_last: int = 2
     """Checkpoints kept on disk; older ones are deleted."""
     resume: bool = True
-    """Resume from <run_dir>/checkpoints/latest when it exists."""
+    """Resume from <run_dir>/checkpoints/latest when it exists (the newest complete checkpoint
+    if `latest` is missing or points to nothing)."""
+
+    def __post_init__(self):
+        if self.save_every < 0 or self.keep_last < 1:
+            raise ConfigError("checkpoint: need save_every >= 0 (steps) and keep_last >= 1")
+
+
+@dataclass
+class DebugConfig:
+    """Fault injection for the fault-tolerance tests; leave the defaults in real runs.
+    Steps are 1-based optimizer steps."""
+    nan_loss_steps: list[int] = field(default_factory=list)
+    """Make the loss NaN on the last rank at these steps (the step must be skipped on all ranks)."""
+    signal: str = "SIGUSR1"
+    """Signal that `signal_step` sends (SIGUSR1, SIGUSR2 or SIGTERM)."""
+    signal_step: int = 0
+    """Rank `signal_rank` sends itself `signal` during this step (0 = never)."""
+    signal_rank: int = 0
+    """Rank that receives the injected signal."""
+    kill_in_save_step: int = 0
+    """Rank 0 kills itself (SIGKILL) while saving the checkpoint of this step, after every rank
+    wrote its files but before the checkpoint is committed (0 = never)."""
+
+    def __post_init__(self):
+        if self.signal not in {"SIGUSR1", "SIGUSR2", "SIGTERM"}:
+            raise ConfigError(f"debug.signal={self.signal!r}: use SIGUSR1, SIGUSR2 or SIGTERM")
 
 
 @dataclass
@@ -171,7 +269,11 @@ class TrainConfig:
     seed: int = 0
     """Seed for model init and data order."""
     process_group_timeout_s: int = 600
-    """Seconds a collective may wait before the job fails instead of hanging."""
+    """Seconds a collective may wait before the job fails instead of hanging (a dead or hung
+    rank then makes the others exit with code 4, naming it)."""
+    requeue_on_preemption: bool = True
+    """After the preemption checkpoint, rank 0 runs `scontrol requeue $SLURM_JOB_ID` when under
+    SLURM and not under submitit (which requeues by itself)."""
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     packing: PackingConfig = field(default_factory=PackingConfig)
@@ -179,6 +281,12 @@ class TrainConfig:
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    profiling: ProfilingConfig = field(default_factory=ProfilingConfig)
+    debug: DebugConfig = field(default_factory=DebugConfig)
+
+    def __post_init__(self):
+        if self.process_group_timeout_s < 1:
+            raise ConfigError("process_group_timeout_s must be >= 1 (seconds)")
 
 
 def _from_dict(cls, data: dict, prefix: str = ""):
@@ -208,6 +316,12 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
             return None
         hint = next(a for a in args if a is not type(None))
         args = typing.get_args(hint)
+    if typing.get_origin(hint) is list:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            value = [value]  # key=3 for a one-element list
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(v, args[0], key) for v in value]
     if typing.get_origin(hint) is tuple:
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
             raise ConfigError(f"{key}: expected a list of {len(args)} values, got {value!r}")
@@ -330,9 +444,97 @@ def build_deepspeed_config(cfg: TrainConfig, world_size: int) -> dict:
             "lr": o.lr, "betas": list(o.betas), "eps": o.eps, "weight_decay": o.weight_decay,
             "torch_adam": cfg.deepspeed.torch_adam}},
     })
-    if cfg.deepspeed.offload_optimizer:
-        ds.setdefault("zero_optimization", {})["offload_optimizer"] = {"device": "cpu"}
+    zero = ds.setdefault("zero_optimization", {})
+    json_offload = (zero.get("offload_optimizer") or {}).get("device", "none") not in ("none", None)
+    if json_offload and not cfg.deepspeed.offload_optimizer:
+        raise ConfigError(f"{path} offloads the optimizer (zero_optimization.offload_optimizer) but "
+                          "deepspeed.offload_optimizer=false: set deepspeed.offload_optimizer=true or remove it "
+                          "from the JSON")
+    if cfg.deepspeed.offload_optimizer and not json_offload:
+        zero["offload_optimizer"] = {"device": "cpu"}
     return ds
+
+
+def validate_for_launch(cfg: TrainConfig, world_size: int) -> dict:
+    """Every check that can fail a run, done before any process group starts (and cheap enough
+    for every rank to repeat): the DeepSpeed dict (:func:`build_deepspeed_config`), the model
+    config and ``model.pretrained`` directory, the shards, and ``packing.max_seq_len`` against
+    the longest of the first ``packing.check_sample_lengths`` shard records.
+
+    Returns:
+        The DeepSpeed config dict.
+
+    Raises:
+        ConfigError: with what to change.
+    """
+    ds = build_deepspeed_config(cfg, world_size)
+    from .model.config import load_model_config
+
+    m = cfg.model
+    if m.pretrained is not None:
+        pre = Path(m.pretrained)
+        if not (pre / "config.json").is_file():
+            raise ConfigError(f"model.pretrained={m.pretrained}: no config.json there; pass the directory of an "
+                              "official or exported checkpoint (`phi3v-train export`), or null for random init")
+        if not any(pre.glob("*.safetensors")) and not any(pre.glob("*.bin")):
+            raise ConfigError(f"model.pretrained={m.pretrained}: no *.safetensors weights there")
+    try:
+        mcfg = load_model_config(m.pretrained or m.name)
+    except FileNotFoundError as e:
+        raise ConfigError(f"model.name={m.name!r}: {e}") from None
+    from .train import resolve_shards
+    from .data.stream import expand_urls
+
+    try:
+        shards = expand_urls(resolve_shards(cfg.data.shards, "train"))
+    except (FileNotFoundError, ValueError) as e:
+        raise ConfigError(f"data.shards={cfg.data.shards!r}: {e}") from None
+    if cfg.data.split_shards_by_rank and len(shards) < world_size:
+        raise ConfigError(f"data.split_shards_by_rank needs >= {world_size} shards (one per rank), "
+                          f"{cfg.data.shards} has {len(shards)}: write more shards or set it false")
+    if cfg.packing.check_sample_lengths and cfg.packing.overlong == "drop":  # truncation makes them fit
+        _check_sample_lengths(cfg, mcfg, shards)
+    return ds
+
+
+def _check_sample_lengths(cfg: TrainConfig, mcfg, shards: list[str]) -> None:
+    """ConfigError if a record among the first ``packing.check_sample_lengths`` of the local shards
+    is longer than ``packing.max_seq_len`` tokens; lengths come from the record's text and image
+    size (``num_tokens`` of the trainer's process_fn, what the stream packs on), no pixels read."""
+    import tarfile
+
+    from .model.processor import Phi3VProcessor
+    from .train import make_process_fn
+
+    processor = Phi3VProcessor.from_pretrained(num_crops=cfg.data.num_crops or mcfg.num_crops,
+                                               crop_size=mcfg.crop_size, patch_size=mcfg.patch_size)
+    num_tokens = make_process_fn(processor).num_tokens
+    budget, longest, longest_key = cfg.packing.check_sample_lengths, 0, None
+    for shard in shards:
+        if "://" in shard or shard.startswith("pipe:") or not Path(shard).is_file():
+            continue  # remote shards: not checked here
+        with tarfile.open(shard) as tar:
+            for member in tar:
+                if budget <= 0:
+                    break
+                if not member.name.endswith(".json"):
+                    continue
+                budget -= 1
+                try:
+                    record = json.loads(tar.extractfile(member).read())
+                    size = (int(record["image_width"]), int(record["image_height"])) if "image_width" in record else None
+                    n = num_tokens(record, size)
+                except (KeyError, ValueError, TypeError):
+                    continue  # the stream skips and counts such records
+                if n > longest:
+                    longest, longest_key = n, record.get("key", member.name)
+        if budget <= 0:
+            break
+    if longest > cfg.packing.max_seq_len:
+        raise ConfigError(
+            f"sample {longest_key!r} needs {longest} tokens (text + image tokens at num_crops="
+            f"{processor.num_crops}) > packing.max_seq_len={cfg.packing.max_seq_len}: raise packing.max_seq_len to "
+            f">= {longest}, lower data.num_crops, set packing.overlong=truncate, or packing.check_sample_lengths=0 to drop such samples")
 
 
 def lr_at(step: int, o: OptimConfig) -> float:

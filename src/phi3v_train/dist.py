@@ -7,8 +7,12 @@ from __future__ import annotations
 
 import datetime
 import importlib
+import logging
 import os
+import re
 import subprocess
+import threading
+import time
 from dataclasses import dataclass
 
 import torch
@@ -97,6 +101,130 @@ def init_distributed(denv: DistEnv, timeout_s: int = 600) -> str:
     deepspeed.init_distributed(dist_backend=backend, timeout=datetime.timedelta(seconds=timeout_s),
                                rank=denv.rank, world_size=denv.world_size)
     return backend
+
+
+class PeerLostError(RuntimeError):
+    """A collective failed or timed out because another rank died or hung; the message names it."""
+
+
+# Substrings of the errors gloo/NCCL/c10d raise when a peer is gone or a collective times out.
+_COMM_FAILURE = re.compile(r"gloo|nccl|connection (reset|closed|refused)|broken pipe|timed out|timeout|"
+                           r"socket|peer|DistBackendError|DistNetworkError|DistStoreError", re.IGNORECASE)
+
+
+def is_comm_failure(exc: BaseException) -> bool:
+    """True when ``exc`` looks like a failed collective (dead or hung peer), not a bug in our code."""
+    if isinstance(exc, getattr(torch.distributed, "DistError", ())):
+        return True
+    return isinstance(exc, RuntimeError) and bool(_COMM_FAILURE.search(str(exc)))
+
+
+class PeerMonitor:
+    """Heartbeats through the rendezvous TCPStore, so that a rank whose collective fails can say
+    which peer died or hung (gloo and NCCL errors do not name it).
+
+    Every rank runs a daemon thread that bumps the key ``phi3v_hb/<rank>`` every ``interval_s``;
+    :meth:`silent_ranks` reads all counters twice, ``3 * interval_s`` apart, and returns the ranks
+    whose counter did not move. The store is torchrun's agent store (it outlives the ranks) or,
+    under srun, the one global rank 0 hosts; when it is unreachable, rank 0 is reported.
+    Costs one tiny store write per interval per rank; nothing in the training hot path.
+    """
+
+    def __init__(self, denv: DistEnv, interval_s: float = 2.0):
+        self.denv, self.interval_s = denv, interval_s
+        self._store = None
+        self._stop = threading.Event()
+        if denv.world_size < 2:
+            return
+        try:
+            self._store = torch.distributed.TCPStore(denv.master_addr, denv.master_port, None, is_master=False,
+                                                     timeout=datetime.timedelta(seconds=10))
+        except Exception as e:  # noqa: BLE001 - monitoring is best effort
+            logging.getLogger("phi3v_train").warning("peer monitor disabled: cannot reach the store: %s", e)
+            return
+        threading.Thread(target=self._beat, name="phi3v-heartbeat", daemon=True).start()
+
+    def _beat(self) -> None:
+        n = 0
+        while not self._stop.is_set():
+            try:
+                self._store.set(f"phi3v_hb/{self.denv.rank}", str(n))
+            except Exception:  # noqa: BLE001 - the store host died: nothing left to tell
+                return
+            n += 1
+            self._stop.wait(self.interval_s)
+
+    def _counters(self) -> list[str | None]:
+        out = []
+        for r in range(self.denv.world_size):
+            key = f"phi3v_hb/{r}"
+            out.append(self._store.get(key).decode() if self._store.check([key]) else None)
+        return out
+
+    def silent_ranks(self) -> list[int] | None:
+        """Peers whose heartbeat stopped (blocks ``3 * interval_s``); None when unknown."""
+        if self._store is None:
+            return None
+        self._stop.set()  # our own counter is irrelevant now
+        try:
+            before = self._counters()
+            time.sleep(3 * self.interval_s)
+            after = self._counters()
+        except Exception:  # noqa: BLE001 - store gone: its host (rank 0 under srun) is gone
+            return [0] if self.denv.rank != 0 else None
+        return [r for r in range(self.denv.world_size)
+                if r != self.denv.rank and (after[r] is None or after[r] == before[r])]
+
+    def describe_failure(self, exc: BaseException) -> str:
+        """The message for a failed collective: which peer(s) went silent, and the backend's error."""
+        silent = self.silent_ranks()
+        first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+        if silent:
+            who = f"lost peer rank {silent[0]}" if len(silent) == 1 else f"lost peer ranks {silent}"
+            return (f"rank {self.denv.rank}: {who} (no heartbeat for {3 * self.interval_s:.0f} s: died or hung); "
+                    f"collective failed: {first}. Check logs/rank{silent[0]}.log and the node it ran on; "
+                    "resume from the last checkpoint by relaunching.")
+        return (f"rank {self.denv.rank}: a collective failed and no peer could be named (all heartbeats alive "
+                f"or monitor unavailable): {first}. Check the other ranks' logs.")
+
+
+SECRET_NAME = re.compile(r"key|token|secret|password|passwd|credential|auth", re.IGNORECASE)
+LAUNCH_ENV_PREFIXES = ("SLURM_", "TORCHELASTIC_", "MASTER_", "RANK", "WORLD_SIZE", "LOCAL_", "GROUP_",
+                       "CUDA_VISIBLE", "NCCL_", "OMP_NUM_THREADS", "DS_", "WANDB_", "HF_", "SUBMITIT_")
+
+
+def scrub_env(environ: dict) -> dict:
+    """The launcher-related variables of ``environ`` (SLURM_*, MASTER_*, NCCL_*, WANDB_*, ...) with the
+    value of every name containing key/token/secret/password/credential/auth replaced by ``***``:
+    safe to write to logs."""
+    return {k: ("***" if SECRET_NAME.search(k) else v) for k, v in sorted(environ.items())
+            if k.startswith(LAUNCH_ENV_PREFIXES)}
+
+
+def under_submitit(environ: dict | None = None) -> bool:
+    """True inside a submitit job (it requeues on preemption by itself)."""
+    env = os.environ if environ is None else environ
+    return any(k.startswith("SUBMITIT_") for k in env)
+
+
+def requeue_slurm_job(environ: dict | None = None, timeout_s: float = 60) -> str:
+    """``scontrol requeue $SLURM_JOB_ID`` when under SLURM and not under submitit.
+
+    Returns a one-line description of what happened (for the log); never raises.
+    """
+    env = os.environ if environ is None else environ
+    job = env.get("SLURM_JOB_ID")  # an array task has its own job id too
+    if not job:
+        return "not requeued: no SLURM_JOB_ID (not a SLURM job)"
+    if under_submitit(env):
+        return "not requeued: submitit requeues its own jobs"
+    try:
+        out = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True, timeout=timeout_s)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return f"scontrol requeue {job} failed: {e}"
+    if out.returncode != 0:
+        return f"scontrol requeue {job} failed (exit {out.returncode}): {(out.stderr or out.stdout).strip()[:300]}"
+    return f"requeued SLURM job {job} (scontrol requeue)"
 
 
 def device() -> torch.device:

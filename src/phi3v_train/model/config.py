@@ -117,10 +117,22 @@ class Phi3VConfig(PreTrainedConfig):
         return (hc * wc + 1) * h * h + 1 + (hc + 1) * h
 
     @classmethod
+    def get_config_dict(cls, pretrained_model_name_or_path, **kwargs) -> tuple[dict[str, Any], dict[str, Any]]:
+        """transformers' config reader, plus: an official flat config.json without `num_crops` takes it
+        from the `preprocessor_config.json` next to it (16 for 3-V, 4 for 3.5-V), like `load_model_config`."""
+        config_dict, kwargs = super().get_config_dict(pretrained_model_name_or_path, **kwargs)
+        preprocessor = Path(str(pretrained_model_name_or_path)) / "preprocessor_config.json"
+        if "text_config" not in config_dict and "num_crops" not in config_dict and preprocessor.is_file():
+            num_crops = json.loads(preprocessor.read_text()).get("num_crops")
+            if num_crops is not None:
+                config_dict = {**config_dict, "num_crops": num_crops}
+        return config_dict, kwargs
+
+    @classmethod
     def from_dict(cls, config_dict: dict[str, Any], **kwargs) -> Phi3VConfig:
         """transformers' loader entry (`from_pretrained`): official flat dicts go through `from_official`,
-        so `Phi3VForCausalLM.from_pretrained(<official checkpoint dir>)` works as is (num_crops is then
-        16 unless given; the model does not use it, the processor does)."""
+        so `Phi3VForCausalLM.from_pretrained(<official checkpoint dir>)` works as is (num_crops comes from
+        the directory's preprocessor_config.json, see `get_config_dict`, else 16)."""
         if "text_config" not in config_dict and "img_processor" in config_dict:
             config_dict = cls.from_official(config_dict).to_dict()
         return super().from_dict(config_dict, **kwargs)

@@ -4,9 +4,15 @@ Full logits cost N x V x 4 bytes in fp32 (8k tokens x 32064 vocab = 1 GiB, plus 
 their gradient). Here each chunk of `chunk_size` tokens is projected, reduced to a summed loss and
 discarded; `torch.utils.checkpoint` recomputes the chunk's logits in the backward pass, so the peak
 is one chunk's logits (4096 x 32064 x 4 B = 0.5 GiB fp32) instead of all of them.
+Measured on CPU (`bench/memory_loss.py`, numbers in docs/model.md).
+
+On CUDA with liger-kernel installed, `liger_linear_cross_entropy` (Liger's fused linear
+cross-entropy, Triton) does the same in one fused call.
 """
 
 from __future__ import annotations
+
+import importlib.util
 
 import torch
 import torch.nn.functional as F
@@ -63,3 +69,23 @@ def chunked_cross_entropy(
     if loss_sum is None:
         loss_sum = hidden.sum().float() * 0.0
     return loss_sum, int(sum(counts))
+
+
+def liger_available() -> bool:
+    """True when the liger-kernel package is importable (it needs Triton, i.e. a GPU build)."""
+    return importlib.util.find_spec("liger_kernel") is not None
+
+
+def liger_linear_cross_entropy(
+    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100
+) -> torch.Tensor:
+    """Summed fp32 cross-entropy of `hidden @ weight.T` against `labels` with Liger's fused kernel.
+
+    hidden [N, D], weight [V, D] (use it inside the owning module's forward under ZeRO-3), labels [N].
+    CUDA only; the gradients of hidden and weight are computed in the forward, chunk by chunk.
+    """
+    from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+    loss = LigerFusedLinearCrossEntropyLoss(ignore_index=ignore_index, reduction="sum")(weight, hidden, labels)
+    loss = loss[0] if isinstance(loss, tuple) else loss  # some versions return (loss, z_loss)
+    return loss.float()

@@ -15,7 +15,10 @@ Facts and formulas: `docs/PHI3V_SPEC.md` (shared). Batch contract: `docs/archite
 
 from __future__ import annotations
 
+import copy
 import math
+from collections.abc import Iterable
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -25,11 +28,13 @@ from transformers import initialization as init
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 from transformers.modeling_flash_attention_utils import prepare_fa_kwargs_from_position_ids
 from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from transformers.models.clip.modeling_clip import CLIPEncoder, CLIPVisionEmbeddings
 from transformers.models.phi3.modeling_phi3 import Phi3DecoderLayer, Phi3RMSNorm, Phi3RotaryEmbedding
 
 from .config import Phi3VConfig
-from .loss import chunked_cross_entropy
+from .keys import check_checkpoint, checkpoint_shapes
+from .loss import chunked_cross_entropy, liger_available, liger_linear_cross_entropy
 
 IGNORE_INDEX = -100
 
@@ -136,6 +141,63 @@ class Phi3VImageEmbedding(nn.Module):
         return self.img_projection(tokens.to(self.img_projection[0].weight.dtype))
 
 
+def document_max_position(position_ids: torch.Tensor) -> torch.Tensor:
+    """For every token, the largest position id of its document: [B, T] -> [B, T].
+
+    A document starts where `position_ids` is 0 (packed rows restart at 0 per sample; a row that
+    does not start at 0 is one document). Device ops only, no device-to-host sync.
+    """
+    doc = (position_ids == 0).cumsum(dim=-1)  # [B, T] document index within the row, 0..T
+    per_doc = torch.zeros(
+        position_ids.shape[0], position_ids.shape[1] + 1, dtype=position_ids.dtype, device=position_ids.device
+    )
+    per_doc = per_doc.scatter_reduce(1, doc, position_ids, reduce="amax", include_self=False)  # [B, T + 1]
+    return per_doc.gather(1, doc)
+
+
+class Phi3VRotaryEmbedding(Phi3RotaryEmbedding):
+    """`Phi3RotaryEmbedding` whose longrope short/long switch is made per document, not per batch.
+
+    The reference (`Phi3SuScaledRotaryEmbedding`) and transformers pick the long factors for the whole
+    batch when max(position_ids) + 1 > original_max_position_embeddings (4096). For one sequence this
+    is the same rule; in a packed row it would let a long neighbour change a short document's rotary
+    frequencies, so packed logits would differ from the document run alone. Here each token uses the
+    long factors iff its own document is longer than 4096 tokens. cos/sin are always multiplied by
+    `attention_scaling` = sqrt(1 + ln(max_pos / original) / ln(original)) (1.1902 for 131072 / 4096),
+    as in the reference. No device-to-host sync (transformers' longrope update has none either).
+    Non-longrope configs behave exactly like `Phi3RotaryEmbedding`.
+    """
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.is_longrope = self.rope_type == "longrope"
+        if self.is_longrope:
+            self.original_max_positions = config.rope_parameters["original_max_position_embeddings"]
+            self.long_inv_freq = nn.Buffer(self.compute_long_inv_freq(config), persistent=False)
+
+    @staticmethod
+    def compute_long_inv_freq(config) -> torch.Tensor:
+        """Inverse frequencies with the long factors: 1 / (long_factor * theta^(2i/d)), [d/2] fp32."""
+        original = config.rope_parameters["original_max_position_embeddings"]
+        inv_freq, _ = ROPE_INIT_FUNCTIONS["longrope"](config, None, seq_len=original + 1)
+        return inv_freq
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: any tensor with the compute dtype/device; position_ids [B, T] -> (cos, sin), each [B, T, d]."""
+        if not self.is_longrope:
+            return super().forward(x, position_ids)
+        is_long = document_max_position(position_ids) >= self.original_max_positions  # [B, T]
+        long_freq = self.long_inv_freq.to(device=x.device, dtype=torch.float)
+        short_freq = self.original_inv_freq.to(device=x.device, dtype=torch.float)
+        inv_freq = torch.where(is_long[..., None], long_freq, short_freq)  # [B, T, d/2]
+        freqs = position_ids[..., None].float() * inv_freq
+        emb = torch.cat((freqs, freqs), dim=-1)  # [B, T, d]
+        cos = emb.cos() * self.attention_scaling
+        sin = emb.sin() * self.attention_scaling
+        return cos.to(dtype=x.dtype), sin.to(dtype=x.dtype)
+
+
 class Phi3VModel(nn.Module):
     """The decoder with the image embedding: `Phi3Model`'s children plus `vision_embed_tokens`."""
 
@@ -150,7 +212,7 @@ class Phi3VModel(nn.Module):
         self.embed_dropout = nn.Dropout(text.embd_pdrop)  # reference: dropout after merging images
         self.layers = nn.ModuleList([Phi3DecoderLayer(text, i) for i in range(text.num_hidden_layers)])
         self.norm = Phi3RMSNorm(text.hidden_size, eps=text.rms_norm_eps)
-        self.rotary_emb = Phi3RotaryEmbedding(config=text)
+        self.rotary_emb = Phi3VRotaryEmbedding(config=text)
 
     def embed(
         self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None, image_sizes: torch.Tensor | None
@@ -197,28 +259,51 @@ class Phi3VModel(nn.Module):
     ) -> torch.Tensor:
         """Final hidden states [B, T, H] (after `norm`). Shapes as in `Phi3VForCausalLM.forward`."""
         hidden = self.embed_dropout(self.embed(input_ids, pixel_values, image_sizes))
+        return self.decode(hidden, position_ids, attention_mask, cu_seqlens, max_seqlen)
+
+    def decode(
+        self,
+        hidden: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        cu_seqlens: torch.Tensor | None = None,
+        max_seqlen: int | None = None,
+    ) -> torch.Tensor:
+        """Run the decoder layers and the final norm on input embeddings hidden [B, T, H] -> [B, T, H].
+
+        How documents of a packed row are kept apart, per attention backend:
+        - flash_attention_*: `cu_seqlens` [D + 1] over the flattened B*T tokens and `max_seqlen` (int)
+          from the batch go straight to flash-attn varlen; no mask is built and nothing is read back from
+          the device. Without `cu_seqlens` they are derived from position_ids (one device-to-host sync).
+        - eager / sdpa / flex_attention (no attention_mask): transformers detects the documents from
+          `position_ids` and builds a block-diagonal causal mask ([B, 1, T, T] for eager/sdpa, a sparse
+          BlockMask for flex). That detection costs one device-to-host sync per forward.
+        """
         if position_ids is None:
             position_ids = torch.arange(hidden.shape[1], device=hidden.device).expand(hidden.shape[0], -1)
-        # Packed rows: with no attention_mask, transformers finds the documents from position_ids
-        # restarting at 0 and builds a block-diagonal causal mask (eager, sdpa, flex_attention).
-        make_mask = create_causal_mask if self.config.sliding_window is None else create_sliding_window_causal_mask
-        mask = make_mask(
-            config=self.config,
-            inputs_embeds=hidden,
-            attention_mask=attention_mask,
-            cache=None,
-            position_ids=position_ids,
-        )
-        position_embeddings = self.rotary_emb(hidden, position_ids=position_ids)  # longrope picks factors here
-        attn_kwargs = {}
+        position_embeddings = self.rotary_emb(hidden, position_ids=position_ids)  # longrope: per document
+        attn_kwargs, mask = {}, None
         if attention_mask is None and (self.config._attn_implementation or "").startswith("flash_attention"):
             # flash-attn varlen over the flattened B*T tokens. transformers' own detection from
             # position_ids only works for B == 1 (B > 1 would silently attend across documents).
             if cu_seqlens is None:
                 (cu_seqlens, _), (max_seqlen, _) = prepare_fa_kwargs_from_position_ids(position_ids)
-            max_seqlen = int(max_seqlen)  # flash-attn wants a Python int (a sync if it was a tensor)
+            if isinstance(max_seqlen, torch.Tensor):
+                max_seqlen = int(max_seqlen)  # flash-attn wants a Python int: device-to-host sync, pass an int
+            cu_seqlens = cu_seqlens.to(device=hidden.device, dtype=torch.int32)
             attn_kwargs = dict(
                 cu_seq_lens_q=cu_seqlens, cu_seq_lens_k=cu_seqlens, max_length_q=max_seqlen, max_length_k=max_seqlen
+            )
+        else:
+            # Packed rows: with no attention_mask, transformers finds the documents from position_ids
+            # restarting at 0 and builds a block-diagonal causal mask (eager, sdpa, flex_attention).
+            make_mask = create_causal_mask if self.config.sliding_window is None else create_sliding_window_causal_mask
+            mask = make_mask(
+                config=self.config,
+                inputs_embeds=hidden,
+                attention_mask=attention_mask,
+                cache=None,
+                position_ids=position_ids,
             )
         for layer in self.layers:
             hidden = layer(
@@ -229,6 +314,19 @@ class Phi3VModel(nn.Module):
                 **attn_kwargs,
             )
         return self.norm(hidden)
+
+
+class Phi3VLMHead(nn.Linear):
+    """`lm_head`: an `nn.Linear` (parameter `lm_head.weight`) that can also return Liger's fused linear
+    cross-entropy, so that under ZeRO-3 the weight is gathered by this module's own forward hooks."""
+
+    def forward(
+        self, hidden: torch.Tensor, labels: torch.Tensor | None = None, ignore_index: int = -100
+    ) -> torch.Tensor:
+        """hidden [N, D] -> logits [N, V]; with labels [N]: Liger's summed fp32 CE (GPU + liger-kernel only)."""
+        if labels is None:
+            return super().forward(hidden)
+        return liger_linear_cross_entropy(hidden, self.weight, labels, ignore_index=ignore_index)
 
 
 def _is_multi_rank() -> bool:
@@ -243,7 +341,12 @@ class Phi3VForCausalLM(PreTrainedModel):
     `from_pretrained(dir)` (an official checkpoint directory loads as is: same names, and
     `Phi3VConfig.from_dict` translates its flat config.json). Attention: "eager", "sdpa", "flex_attention", or
     "flash_attention_2" when flash_attn is installed; the vision tower uses the same one.
-    No KV cache: this class trains and scores, it does not `generate`.
+    No KV cache: this class trains and scores; `generate_greedy` is a slow cache-less greedy decode
+    for evaluation.
+
+    Loss (`loss_impl`): "chunked" (`chunked_cross_entropy`, any device), "liger" (Liger's fused linear
+    cross-entropy; CUDA + liger-kernel), "auto" (liger when importable and the hidden states are on CUDA,
+    else chunked). Neither materialises [tokens, vocab] logits for the whole batch.
     """
 
     config_class = Phi3VConfig
@@ -262,8 +365,9 @@ class Phi3VForCausalLM(PreTrainedModel):
             if sub_config._attn_implementation is None:
                 sub_config._attn_implementation_internal = config._attn_implementation
         self.model = Phi3VModel(config)
-        self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
+        self.lm_head = Phi3VLMHead(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
         self.loss_chunk_size = 4096  # tokens per chunk of the chunked cross-entropy
+        self.loss_impl = "auto"  # "chunked" | "liger" | "auto" (see the class docstring)
         self.post_init()
         # Never run (features are hidden_states[-2]): freeze so weight decay cannot move them.
         tower = self.model.vision_embed_tokens.img_processor.vision_model
@@ -281,6 +385,26 @@ class Phi3VForCausalLM(PreTrainedModel):
         elif isinstance(module, Phi3VImageEmbedding):
             init.zeros_(module.glb_GN)
             init.zeros_(module.sub_GN)
+        if isinstance(module, Phi3VRotaryEmbedding) and module.is_longrope:
+            init.copy_(module.long_inv_freq, module.compute_long_inv_freq(module.config))
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, check_keys: bool = True, **kwargs):
+        """transformers' `from_pretrained`, plus a strict check of a local checkpoint directory first.
+
+        With `check_keys` (default) the tensor names and shapes of the directory's safetensors (read from the
+        file headers, no weights loaded) must be exactly this architecture's (the 592 official names for the
+        real configs); otherwise a KeyError lists the missing, unexpected and mis-shaped tensors. transformers
+        itself only warns, and under ZeRO-3 does not even report unexpected keys. The reference's duplicate
+        `model.vision_embed_tokens.wte.weight` is tolerated (and ignored by the loader).
+        """
+        path = Path(str(pretrained_model_name_or_path))
+        if check_keys and path.is_dir() and any(path.glob("*.safetensors")):
+            config = kwargs.get("config")
+            if not isinstance(config, Phi3VConfig):
+                config = Phi3VConfig.from_pretrained(path)
+            check_checkpoint(checkpoint_shapes(path), expected_state_shapes(config), where=str(path))
+        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.model.embed_tokens
@@ -331,15 +455,121 @@ class Phi3VForCausalLM(PreTrainedModel):
         hidden = self.model(input_ids, pixel_values, image_sizes, position_ids, attention_mask, cu_seqlens, max_seqlen)
         if labels is None:
             return CausalLMOutputWithPast(logits=self.lm_head(hidden))
-        targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)  # [B, T]: row ends predict nothing
-        loss_sum, num_tokens = chunked_cross_entropy(
-            hidden.flatten(0, 1),
-            self.lm_head,
-            targets.flatten(),
-            chunk_size=self.loss_chunk_size,
-            ignore_index=IGNORE_INDEX,
-            # ZeRO-3: all ranks must call lm_head equally often (one weight all-gather per call).
-            skip_empty_chunks=not _is_multi_rank(),
-        )
-        divisor = num_items_in_batch if num_items_in_batch is not None else max(num_tokens, 1)
-        return CausalLMOutputWithPast(loss=loss_sum / divisor)
+        targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX).flatten()  # [B*T]: row ends predict nothing
+        hidden = hidden.flatten(0, 1)  # [B*T, H]
+        if self._use_liger(hidden):
+            loss_sum = self.lm_head(hidden, labels=targets, ignore_index=IGNORE_INDEX)  # one call on every rank
+            num_tokens = None
+        else:
+            loss_sum, num_tokens = chunked_cross_entropy(
+                hidden,
+                self.lm_head,
+                targets,
+                chunk_size=self.loss_chunk_size,
+                ignore_index=IGNORE_INDEX,
+                # ZeRO-3: all ranks must call lm_head equally often (one weight all-gather per call).
+                skip_empty_chunks=not _is_multi_rank(),
+            )
+        if num_items_in_batch is None:
+            if num_tokens is None:
+                num_tokens = int((targets != IGNORE_INDEX).sum())  # device-to-host sync; pass num_items_in_batch
+            num_items_in_batch = max(num_tokens, 1)
+        return CausalLMOutputWithPast(loss=loss_sum / num_items_in_batch)
+
+    def _use_liger(self, hidden: torch.Tensor) -> bool:
+        if self.loss_impl not in ("auto", "chunked", "liger"):
+            raise ValueError(f"loss_impl={self.loss_impl!r}: use 'auto', 'chunked' or 'liger'")
+        if self.loss_impl == "liger" and not (hidden.is_cuda and liger_available()):
+            raise RuntimeError("loss_impl='liger' needs the liger-kernel package and CUDA tensors; use 'chunked'")
+        return self.loss_impl == "liger" or (self.loss_impl == "auto" and hidden.is_cuda and liger_available())
+
+    @torch.no_grad()
+    def generate_greedy(
+        self,
+        input_ids: torch.Tensor,
+        pixel_values: torch.Tensor | None = None,
+        image_sizes: torch.Tensor | None = None,
+        max_new_tokens: int = 64,
+        stop_token_ids: Iterable[int] = (32007, 32000),
+    ) -> torch.Tensor:
+        """Greedy decoding of ONE prompt without a KV cache (each step re-runs the decoder on the whole
+        sequence; the image features are computed once). For evaluation of short answers, not for serving.
+
+        Args:
+            input_ids: [T] or [1, T] prompt ids (image positions hold `config.image_token_id`).
+            pixel_values, image_sizes: the prompt's crops and image sizes, as in `forward`.
+            max_new_tokens: the most tokens to generate.
+            stop_token_ids: generation ends after any of these (default `<|end|>` 32007, `<|endoftext|>`).
+
+        Returns:
+            LongTensor [N] of the generated ids (N <= max_new_tokens), the stop token included when produced.
+        """
+        input_ids = input_ids.reshape(1, -1)
+        stop = set(stop_token_ids)
+        embeds = self.model.embed(input_ids, pixel_values, image_sizes)  # [1, T, H]; vision runs once
+        new_ids: list[int] = []
+        for _ in range(max_new_tokens):
+            hidden = self.model.decode(embeds)  # [1, T', H]
+            next_id = self.lm_head(hidden[:, -1]).argmax(dim=-1)  # [1]
+            new_ids.append(int(next_id))  # device-to-host sync per generated token (stop check)
+            if new_ids[-1] in stop:
+                break
+            embeds = torch.cat([embeds, self.model.embed_tokens(next_id)[:, None]], dim=1)
+        return torch.tensor(new_ids, dtype=torch.long)
+
+
+def expected_state_shapes(config: Phi3VConfig) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every tensor of a `Phi3VForCausalLM(config)` state dict (built on the meta device:
+    no memory, about a second for the real 4.1B model). For the real configs: the 592 official names."""
+    config = copy.deepcopy(config)
+    for c in (config, config.text_config, config.vision_config):
+        c._attn_implementation_internal = "eager"  # shapes do not depend on it; flash may not be installed
+    with torch.device("meta"):
+        model = Phi3VForCausalLM(config)
+    return {name: tuple(t.shape) for name, t in model.state_dict().items()}
+
+
+def apply_freezing(
+    model: Phi3VForCausalLM, freeze_vision: bool = False, freeze_projector: bool = False, freeze_lm: bool = False
+) -> dict[str, int]:
+    """Set `requires_grad` of the three parameter groups (True for a group not frozen); returns the number of
+    trainable parameters per group.
+
+    Groups, chosen by module (not by name prefix):
+    - vision: the CLIP tower `model.vision_embed_tokens.img_processor` (its last layer and post_layernorm
+      always stay frozen: they are never run);
+    - projector: `model.vision_embed_tokens.{img_projection, glb_GN, sub_GN}`;
+    - lm: `model.embed_tokens`, `model.layers`, `model.norm`, `lm_head`.
+    The text embedding belongs to the LM only. The reference registers it a second time under
+    `vision_embed_tokens.wte`, so "freeze vision_embed_tokens" in the public recipes freezes the text
+    embedding too; here `model.embed_tokens` is frozen only by `freeze_lm`.
+    Call before `deepspeed.initialize` and give the optimizer only parameters with requires_grad.
+
+    Raises:
+        ValueError: all three groups frozen (nothing to train).
+    """
+    if freeze_vision and freeze_projector and freeze_lm:
+        raise ValueError("freeze_vision, freeze_projector and freeze_lm are all set: nothing would be trained")
+    image = model.model.vision_embed_tokens
+    tower = image.img_processor["vision_model"]
+    groups = {
+        "vision": (freeze_vision, list(tower.parameters())),
+        "projector": (freeze_projector, [*image.img_projection.parameters(), image.glb_GN, image.sub_GN]),
+        "lm": (
+            freeze_lm,
+            [
+                *model.model.embed_tokens.parameters(),
+                *model.model.layers.parameters(),
+                *model.model.norm.parameters(),
+                *model.lm_head.parameters(),
+            ],
+        ),
+    }
+    for frozen, params in groups.values():
+        for param in params:
+            param.requires_grad_(not frozen)
+    never_run = [*tower.encoder.layers[-1].parameters(), *tower.post_layernorm.parameters()]
+    for param in never_run:
+        param.requires_grad_(False)
+    assert model.model.embed_tokens.weight.requires_grad == (not freeze_lm)
+    return {name: sum(p.numel() for p in params if p.requires_grad) for name, (_, params) in groups.items()}
