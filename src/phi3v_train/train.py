@@ -406,7 +406,7 @@ def _run(cfg: TrainConfig, denv: dist.DistEnv, run_dir: Path, ds_config: dict, s
                     "to rule out overflow; resume from the last checkpoint")
         _inject_signal(cfg, step + 1, denv.rank)
         t_first = t_first or (time.perf_counter(), step + 1)  # ETA from the steps after the first (warm-up)
-        if (step + 1) % cfg.logging.log_every == 0 or step + 1 == o.max_steps:
+        if (step + 1) % cfg.logging.log_every == 0 or step + 1 == o.max_steps or step == start_step:
             torch_dist.all_reduce(loss_sum)  # device sync: only at the logging interval
             now = time.perf_counter()
             dt, t_last = now - t_last, now
