@@ -29,7 +29,7 @@ import sys
 import threading
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -130,7 +130,6 @@ class StepStats:
     num_images: int = 0
     token_slots: int = 0
     data_s: float = 0.0
-    losses: list = field(default_factory=list)
 
 
 class NonFiniteLossError(RuntimeError):

@@ -324,12 +324,9 @@ class Packer:
         arrival: list[int] = []
         buffered_tokens = 0
         for t, sample in enumerate(self.samples):
-            n, k = self.size(sample)
-            if not self._fits(n, k):
-                self.num_dropped += 1
-                if self.on_drop is not None:
-                    self.on_drop(sample)
+            if (size := self._admit(sample)) is None:
                 continue
+            n, k = size
             buf.append(sample)
             lengths.append(n)
             images.append(k)
@@ -351,17 +348,24 @@ class Packer:
             keep = sorted(set(range(len(buf))) - set(idx))
             buf, lengths, images = [buf[i] for i in keep], [lengths[i] for i in keep], [images[i] for i in keep]
 
+    def _admit(self, sample: Any) -> tuple[int, int] | None:
+        """(tokens, images) of a sample that fits a pack; None for one that cannot (dropped and counted)."""
+        n, k = self.size(sample)
+        if self._fits(n, k):
+            return n, k
+        self.num_dropped += 1
+        if self.on_drop is not None:
+            self.on_drop(sample)
+        return None
+
     def _iter_bfd(self) -> Iterator[list[Any]]:
         buf: list[Any] = []
         lengths: list[int] = []
         images: list[int] = []
         for sample in self.samples:
-            n, k = self.size(sample)
-            if not self._fits(n, k):
-                self.num_dropped += 1
-                if self.on_drop is not None:
-                    self.on_drop(sample)
+            if (size := self._admit(sample)) is None:
                 continue
+            n, k = size
             buf.append(sample)
             lengths.append(n)
             images.append(k)
