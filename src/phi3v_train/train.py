@@ -129,7 +129,6 @@ class StepStats:
     num_samples: int = 0
     num_images: int = 0
     token_slots: int = 0
-    data_s: float = 0.0
 
 
 class NonFiniteLossError(RuntimeError):
@@ -341,7 +340,6 @@ def _run(cfg: TrainConfig, denv: dist.DistEnv, run_dir: Path, ds_config: dict, s
     history = []
     t_last = time.perf_counter()
     interval = [0.0] * 5  # label tokens, tokens, token slots, samples, images since the last log
-    interval_data_s = 0.0
     last_logged = start_step
     last_saved = start_step if resume_tag[0] is not None else None
     nonfinite_in_row, preempted, t_first = 0, False, None
@@ -363,7 +361,6 @@ def _run(cfg: TrainConfig, denv: dist.DistEnv, run_dir: Path, ds_config: dict, s
         for _ in range(o.gradient_accumulation_steps):
             t0 = time.perf_counter()
             b = next(batches)
-            stats.data_s += time.perf_counter() - t0
             meter.add_batch(b, data_s=time.perf_counter() - t0)  # host-side: CPU batch, no device sync
             micro.append(b)
             stats.num_tokens += b["num_tokens"]
@@ -390,7 +387,6 @@ def _run(cfg: TrainConfig, denv: dist.DistEnv, run_dir: Path, ds_config: dict, s
         n_label = max(counts[0], 1.0)
         for i, c in enumerate(counts[:5]):
             interval[i] += c
-        interval_data_s += stats.data_s
         poison = step + 1 in cfg.debug.nan_loss_steps and denv.rank == denv.world_size - 1
         loss_sum, applied = train_step(engine, micro, n_label, denv.world_size, device, meter, poison=poison)
         nonfinite_in_row = 0 if applied else nonfinite_in_row + 1
@@ -418,15 +414,11 @@ def _run(cfg: TrainConfig, denv: dist.DistEnv, run_dir: Path, ds_config: dict, s
                 "step": step + 1, "loss": loss if math.isfinite(loss) else None, "lr": scheduler.get_last_lr()[0],
                 "grad_norm": grad_norm if math.isfinite(grad_norm) else None, "skipped_steps": num_skipped,
                 "eta_s": eta_s,
-                "tokens_per_s": interval[1] / dt,
-                "tokens_per_s_per_device": interval[1] / dt / denv.world_size,
                 "packing_efficiency": interval[1] / interval[2],
                 "samples": int(interval[3]), "images": int(interval[4]), "label_tokens": int(interval[0]),
-                "step_time_s": dt / n_steps, "data_wait_s": interval_data_s / n_steps,
             }
             rec.update(meter.flush(dt, n_steps))  # collective: tokens/s, MFU, step breakdown, memory
             interval = [0.0] * 5
-            interval_data_s = 0.0
             history.append(rec)
             log.info("step %d/%d loss %.4f lr %.2e gnorm %.3f tok/s %.0f packing %.1f%% eta %s", rec["step"], o.max_steps,
                      loss, rec["lr"], grad_norm, rec["tokens_per_s"], 100 * rec["packing_efficiency"], _hms(eta_s))
