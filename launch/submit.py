@@ -215,6 +215,7 @@ def executor_parameters(args, code_dir: Path, num_tasks_per_node: int) -> dict:
         f"export OMP_NUM_THREADS={args.cpus_per_task}  # one thread pool per rank, sized to its CPUs",
         "export TOKENIZERS_PARALLELISM=false  # no Rust thread pool in forked loader workers",
         "export PYTHONUNBUFFERED=1",
+        "export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}  # rows vary in length",
         "export TORCH_NCCL_ASYNC_ERROR_HANDLING=1  # a dead rank fails the job instead of hanging it",
         "export NCCL_DEBUG=${NCCL_DEBUG:-WARN}",
         'export MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)  # rank 0 host',

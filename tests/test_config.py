@@ -32,6 +32,12 @@ def test_bad_values_say_what_to_fix():
         load_config(None, ["optim.lr"])
     with pytest.raises(ConfigError, match="precision"):
         load_config(None, ["deepspeed.precision=fp8"])
+    with pytest.raises(ConfigError, match="packing.padding='pad': use longest or max_length"):
+        load_config(None, ["packing.padding=pad"])
+    with pytest.raises(ConfigError, match="pad_to_multiple_of must be >= 1"):
+        load_config(None, ["packing.pad_to_multiple_of=0"])
+    with pytest.raises(ConfigError, match="packing.pad_images_to must be >= 1"):
+        load_config(None, ["packing.pad_images_to=0"])
 
 
 def test_deepspeed_dict_derived_from_tree(tmp_path):
@@ -136,3 +142,7 @@ def test_validate_for_launch_says_what_to_fix(tmp_path):
         validate_for_launch(load_config(None, [f"data.shards={shards}", "model.name=nosuch"]), 1)
     with pytest.raises(ConfigError, match="global_batch_size=3"):
         validate_for_launch(load_config(None, [f"data.shards={shards}", "optim.global_batch_size=3"]), 2)
+    # 2 blank 336-px images of 313 tokens do not leave room in a pack of 512
+    with pytest.raises(ConfigError, match=r"pad_images_to=2 blank images of 313 tokens fill a pack of packing.max_seq_len=512"):
+        validate_for_launch(load_config(None, [f"data.shards={shards}", "packing.max_seq_len=512",
+                                               "model.name=phi-3-vision-128k-instruct", "packing.pad_images_to=2"]), 1)

@@ -58,3 +58,32 @@ def test_real_stream_crops_in_place_equal_encode(shards, num_workers, dtype):
         assert offset == pixels.shape[0]
     if num_workers == 0:
         assert loader.stats.num_length_mismatch == 0 and loader.stats.num_bad_process == 0
+
+
+def test_train_loader_from_config_rows_of_longest_pack_and_padding_images(shards):
+    """The trainer's loader (train.build_loader) honours packing.padding / pad_to_multiple_of /
+    pad_images_to / max_images_per_pack: same packs (same keys) as rows of max_seq_len, rows cut
+    to a multiple of 16, every row padded to exactly 2 images."""
+    from phi3v_train.config import REPO_ROOT, load_config
+    from phi3v_train.model.config import load_model_config
+    from phi3v_train.model.processor import num_image_tokens
+    from phi3v_train.train import build_loader
+
+    urls, _ = shards
+    mcfg = load_model_config("tiny")
+    base = ["packing.max_seq_len=400", "optim.micro_batch_size=2", "data.num_crops=4", "packing.pad_images_to=2"]
+    batches = {}
+    for padding in ("max_length", "longest"):
+        cfg = load_config(str(REPO_ROOT / "configs/train/demo.yaml"),
+                          [*base, f"packing.padding={padding}", "packing.pad_to_multiple_of=16"])
+        it = iter(build_loader(cfg, mcfg, urls, rank=0, world_size=1))
+        batches[padding] = [next(it) for _ in range(3)]
+    pad_tokens = num_image_tokens(mcfg.crop_size, mcfg.crop_size, mcfg.crop_size, mcfg.patch_size)
+    for full, short in zip(batches["max_length"], batches["longest"]):
+        assert full["sample_keys"] == short["sample_keys"] and full["input_ids"].shape[1] == 400
+        L = short["input_ids"].shape[1]
+        assert L % 16 == 0 and L < 400
+        assert torch.equal(short["input_ids"], full["input_ids"][:, :L])
+        # 2 rows x 2 images, the real ones plus blank padding images of pad_tokens tokens each
+        assert short["image_sizes"].shape[0] == 4 == short["num_images"] + short["num_pad_images"]
+        assert short["num_tokens"] + short["num_pad_images"] * pad_tokens <= 2 * L

@@ -44,11 +44,12 @@ def packs() -> list[list[dict]]:
     return [[long_doc | {"key": "a"}, text_doc | {"key": "b"}], [short_doc | {"key": "c"}]]
 
 
-def check_packed_equals_alone(model: Phi3VForCausalLM, packs: list[list[dict]], atol: float = 1e-5) -> None:
+def check_packed_equals_alone(model: Phi3VForCausalLM, packs: list[list[dict]], atol: float = 1e-5,
+                              **collate_kwargs) -> None:
     """Per-sample logits and summed losses from the packed batch equal each sample run alone (eager)."""
     reference = build("eager")
     reference.load_state_dict(model.state_dict())
-    batch = collate_packs(packs, max_seq_len=64 + ORIGINAL, crop_size=model.config.crop_size)
+    batch = collate_packs(packs, max_seq_len=64 + ORIGINAL, crop_size=model.config.crop_size, **collate_kwargs)
     with torch.no_grad():
         logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits  # [B, L, V]
         for row, pack in enumerate(packs):
@@ -69,6 +70,15 @@ def check_packed_equals_alone(model: Phi3VForCausalLM, packs: list[list[dict]], 
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
 def test_packed_batch_equals_samples_alone(attn, packs):
     check_packed_equals_alone(build(attn), packs)
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_rows_of_the_longest_pack_give_the_same_results(attn, packs):
+    """packing.padding=longest: shorter rows (the longest pack rounded up to 8), same per-sample results."""
+    longest = max(sum(len(s["input_ids"]) for s in p) for p in packs)
+    row = collate_packs(packs, 64 + ORIGINAL, crop_size=56, padding="longest", pad_to_multiple_of=8)["input_ids"]
+    assert row.shape[1] == -(-longest // 8) * 8 < 64 + ORIGINAL
+    check_packed_equals_alone(build(attn), packs, padding="longest", pad_to_multiple_of=8)
 
 
 def test_flex_attention_packed_batch_equals_samples_alone(packs):

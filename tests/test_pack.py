@@ -146,6 +146,35 @@ def test_collate_without_images_and_errors():
         collate_packs([], max_seq_len=8)
 
 
+def test_collate_rows_of_the_longest_pack():
+    """padding="longest": rows are the longest pack rounded up to pad_to_multiple_of, capped at
+    max_seq_len; the layout inside a row is the max_length one cut short."""
+    packs = [[make_sample("a", 5), make_sample("b", 4)], [make_sample("c", 7)]]
+    full = collate_packs(packs, 32, crop_size=S)
+    for multiple, expected in [(1, 9), (4, 12), (8, 16), (64, 32)]:  # 64: capped at max_seq_len
+        batch = collate_packs(packs, 32, crop_size=S, padding="longest", pad_to_multiple_of=multiple)
+        assert batch["input_ids"].shape == (2, expected)
+        for name in ("input_ids", "labels", "position_ids"):
+            assert torch.equal(batch[name], full[name][:, :expected])
+        assert batch["cu_seqlens"][-1] == 2 * expected and batch["num_tokens"] == full["num_tokens"]
+        pos = batch["position_ids"].flatten()
+        assert torch.nonzero(pos == 0).flatten().tolist() == batch["cu_seqlens"][:-1].tolist()
+    # a full row needs no padding segment at all
+    assert collate_packs([[make_sample("d", 8)]], 32, padding="longest", pad_to_multiple_of=8)["cu_seqlens"].tolist() == [0, 8]
+    for bad in [{"padding": "longestt"}, {"padding": "longest", "pad_to_multiple_of": 0}]:
+        with pytest.raises(ValueError, match="padding="):
+            collate_packs(packs, 32, **bad)
+
+
+def test_collate_longest_counts_padding_images():
+    """The row holds the padding images too: 2 blank images of 3 tokens after a 4-token sample."""
+    a = make_sample("a", 4, num_crops=1, num_images=1)
+    batch = collate_packs([[a]], 64, crop_size=S, pad_images_to=3, pad_image_tokens=3, padding="longest",
+                          pad_to_multiple_of=4)
+    assert batch["input_ids"].shape == (1, 12) and batch["num_pad_images"] == 2
+    assert batch["cu_seqlens"].tolist() == [0, 4, 7, 10, 12]
+
+
 # --- best_fill, padding images, image positions ---------------------------------------------
 
 def test_best_fill_is_an_exact_subset_sum():

@@ -50,6 +50,8 @@ class BenchPoint:
     micro_batch_size: int = 1
     gradient_accumulation_steps: int = 2
     packing: bool = True
+    padding: str = "max_length"
+    """packing.padding: max_length (rows of max_seq_len, the padded baseline's layout) | longest."""
     attn_implementation: str = "sdpa"
     gradient_checkpointing: bool = False
     zero: str = "zero3"
@@ -61,20 +63,23 @@ class BenchPoint:
         ds = {"zero3": "configs/deepspeed/zero3.json", "zero2": str(zero2_path)}.get(self.zero, self.zero)
         return [f"packing.max_seq_len={self.seq_len}", f"optim.micro_batch_size={self.micro_batch_size}",
                 f"optim.gradient_accumulation_steps={self.gradient_accumulation_steps}",
-                f"packing.enabled={str(self.packing).lower()}", f"model.attn_implementation={self.attn_implementation}",
+                f"packing.enabled={str(self.packing).lower()}", f"packing.padding={self.padding}",
+                f"model.attn_implementation={self.attn_implementation}",
                 f"model.gradient_checkpointing={str(self.gradient_checkpointing).lower()}",
                 f"deepspeed.config={ds}", *self.extra]
 
 
 def default_grid() -> list[BenchPoint]:
-    """The CPU grid (tiny model, ~5 min on 2 cores): seq len x packing on/off, then one axis at a
-    time from the packed 512 point: micro batch 2, eager attention, checkpointing, ZeRO-2."""
+    """The CPU grid (tiny model, ~5 min on 2 cores): seq len x packing on/off (rows of max_seq_len),
+    then one axis at a time from the packed 512 point: micro batch 2, eager attention, rows of
+    the longest pack (``packing.padding=longest``), checkpointing, ZeRO-2."""
     grid = []
     for L in (128, 256, 512):
         grid.append(BenchPoint(f"packed-{L}", seq_len=L))
         grid.append(BenchPoint(f"padded-{L}", seq_len=L, packing=False))
     grid += [BenchPoint("packed-512-mb2", micro_batch_size=2, gradient_accumulation_steps=1),
              BenchPoint("packed-512-eager", attn_implementation="eager"),
+             BenchPoint("packed-512-longest", padding="longest"),
              BenchPoint("packed-512-ckpt", gradient_checkpointing=True),
              BenchPoint("packed-512-zero2", zero="zero2")]
     return grid

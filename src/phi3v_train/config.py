@@ -104,6 +104,18 @@ class PackingConfig:
     never inside an image; a sample whose images alone do not fit is still dropped)."""
     strategy: str = "best_fill"
     """best_fill (each pack is the buffer subset that fills it best) | bfd (best-fit-decreasing)."""
+    padding: str = "longest"
+    """Row length of a micro batch: "longest" (its longest pack rounded up to pad_to_multiple_of:
+    no compute on the room whole samples leave in a pack) | "max_length" (every row max_seq_len:
+    static shapes). max_seq_len bounds memory either way."""
+    pad_to_multiple_of: int = 64
+    """padding=longest: row lengths are multiples of this many tokens (1 = exact)."""
+    max_images_per_pack: int | None = None
+    """Cap on images per pack (null: only max_seq_len caps a pack)."""
+    pad_images_to: int | None = None
+    """Equal vision work per micro batch: every pack is padded with blank 1-crop images (label
+    -100, 313 tokens each at 336 px) to exactly this many images, so every rank runs the vision
+    tower on as many images; packs keep room for them (null: off)."""
 
     def __post_init__(self):
         if self.max_seq_len < 16:
@@ -116,6 +128,13 @@ class PackingConfig:
             raise ConfigError(f"packing.overlong={self.overlong!r}: use drop or truncate")
         if self.strategy not in {"best_fill", "bfd"}:
             raise ConfigError(f"packing.strategy={self.strategy!r}: use best_fill or bfd")
+        if self.padding not in {"longest", "max_length"}:
+            raise ConfigError(f"packing.padding={self.padding!r}: use longest or max_length")
+        if self.pad_to_multiple_of < 1:
+            raise ConfigError("packing.pad_to_multiple_of must be >= 1 token")
+        for name in ("max_images_per_pack", "pad_images_to"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ConfigError(f"packing.{name} must be >= 1 image (or null: off)")
 
 
 @dataclass
@@ -482,6 +501,14 @@ def validate_for_launch(cfg: TrainConfig, world_size: int) -> dict:
         mcfg = load_model_config(m.pretrained or m.name)
     except FileNotFoundError as e:
         raise ConfigError(f"model.name={m.name!r}: {e}") from None
+    k = cfg.packing.pad_images_to
+    if k is not None:
+        from .model.processor import num_image_tokens
+
+        p = num_image_tokens(mcfg.crop_size, mcfg.crop_size, mcfg.crop_size, mcfg.patch_size)
+        if k * p >= cfg.packing.max_seq_len:
+            raise ConfigError(f"packing.pad_images_to={k} blank images of {p} tokens fill a pack of "
+                              f"packing.max_seq_len={cfg.packing.max_seq_len}: lower pad_images_to or raise max_seq_len")
     from .train import resolve_shards
     from .data.stream import expand_urls
 

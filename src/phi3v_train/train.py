@@ -41,7 +41,7 @@ from .config import TrainConfig, lr_at, save_config, validate_for_launch
 from .data.stream import build_train_loader
 from .model.config import load_model_config
 from .model.modeling import Phi3VForCausalLM, apply_freezing
-from .model.processor import Phi3VProcessor
+from .model.processor import Phi3VProcessor, num_image_tokens
 
 log = logging.getLogger("phi3v_train")
 PREEMPTED_EXIT_CODE = 3  # checkpoint saved after SIGUSR1/SIGUSR2/SIGTERM: requeue and relaunch
@@ -94,6 +94,31 @@ def make_process_fn(processor: Phi3VProcessor):
     from .data.process import RecordProcessor
 
     return RecordProcessor(processor)
+
+
+def build_loader(cfg: TrainConfig, mcfg, shards: list[str], *, rank: int, world_size: int, start_batch: int = 0):
+    """This rank's endless stream of packed micro batches as the config sets it (data, packing,
+    optim.micro_batch_size, seed): :func:`phi3v_train.data.stream.build_train_loader` with the
+    model config's crop and patch size.
+
+    Args:
+        cfg: the run config.
+        mcfg: the model config (``crop_size``, ``patch_size``, ``num_crops``).
+        shards: resolved shard URLs.
+        rank, world_size: global rank and number of ranks.
+        start_batch: micro batches this rank already consumed (resume: ``step * grad_accum``).
+    """
+    num_crops = cfg.data.num_crops or mcfg.num_crops
+    processor = Phi3VProcessor.from_pretrained(num_crops=num_crops, crop_size=mcfg.crop_size, patch_size=mcfg.patch_size)
+    p = cfg.packing
+    return build_train_loader(
+        shards, make_process_fn(processor), max_seq_len=p.max_seq_len, micro_batch_size=cfg.optim.micro_batch_size,
+        rank=rank, world_size=world_size, num_workers=cfg.data.num_workers, seed=cfg.seed,
+        buffer_size=p.buffer_size, crop_size=mcfg.crop_size, pack=p.enabled, shuffle_buffer=cfg.data.shuffle_buffer,
+        overlong=p.overlong, packing_strategy=p.strategy, padding=p.padding, pad_to_multiple_of=p.pad_to_multiple_of,
+        max_images_per_pack=p.max_images_per_pack, pad_images_to=p.pad_images_to,
+        pad_image_tokens=num_image_tokens(mcfg.crop_size, mcfg.crop_size, mcfg.crop_size, mcfg.patch_size),
+        start_batch=start_batch)
 
 
 def build_model(cfg: TrainConfig, ds_config: dict) -> tuple[Phi3VForCausalLM, object]:
@@ -318,15 +343,8 @@ def _run(cfg: TrainConfig, denv: dist.DistEnv, run_dir: Path, ds_config: dict, s
         log.info("dropped metrics records after step %d (logged after the last checkpoint)", start_step)
 
     mcfg = model.config
-    num_crops = cfg.data.num_crops or mcfg.num_crops
-    processor = Phi3VProcessor.from_pretrained(num_crops=num_crops, crop_size=mcfg.crop_size, patch_size=mcfg.patch_size)
-    loader = build_train_loader(
-        shards, make_process_fn(processor), max_seq_len=cfg.packing.max_seq_len,
-        micro_batch_size=o.micro_batch_size, rank=denv.rank, world_size=denv.world_size,
-        num_workers=cfg.data.num_workers, seed=cfg.seed, buffer_size=cfg.packing.buffer_size,
-        crop_size=mcfg.crop_size, pack=cfg.packing.enabled, shuffle_buffer=cfg.data.shuffle_buffer,
-        overlong=cfg.packing.overlong, packing_strategy=cfg.packing.strategy,
-        start_batch=start_step * o.gradient_accumulation_steps)  # exact resume: replays lengths only
+    loader = build_loader(cfg, mcfg, shards, rank=denv.rank, world_size=denv.world_size,
+                          start_batch=start_step * o.gradient_accumulation_steps)  # exact resume: replays lengths only
     batches = iter(loader)
     device = dist.device()
     meter = metrics.ThroughputMeter(

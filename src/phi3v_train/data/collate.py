@@ -45,6 +45,36 @@ def _cat(tensors: list[torch.Tensor]) -> torch.Tensor:
     return torch.cat(tensors, out=out.resize_(sum(t.shape[0] for t in tensors), *first.shape[1:]))
 
 
+PADDING = ("max_length", "longest")
+
+
+def row_length(pack_num_tokens: list[int], max_seq_len: int, padding: str = "max_length",
+               pad_to_multiple_of: int = 1) -> int:
+    """Tokens per row of a batch whose packs hold ``pack_num_tokens`` tokens (padding images
+    included): ``max_seq_len`` for ``padding="max_length"``; for ``"longest"`` the longest pack
+    rounded up to a multiple of ``pad_to_multiple_of``, capped at ``max_seq_len`` (at least 1).
+
+    Raises:
+        ValueError: an unknown ``padding`` or ``pad_to_multiple_of < 1``.
+    """
+    if padding not in PADDING or pad_to_multiple_of < 1:
+        raise ValueError(f"padding={padding!r} (use one of {PADDING}), pad_to_multiple_of="
+                         f"{pad_to_multiple_of} (>= 1)")
+    if padding == "max_length":
+        return max_seq_len
+    longest = max(pack_num_tokens, default=0)
+    return max(1, min(max_seq_len, -(-longest // pad_to_multiple_of) * pad_to_multiple_of))
+
+
+def _pack_tokens(pack: list[dict], pad_images_to: int | None, pad_image_tokens: int) -> int:
+    """Tokens a pack takes in its row: its samples plus its padding images."""
+    tokens = sum(int(s["input_ids"].shape[0]) for s in pack)
+    if pad_images_to is None:
+        return tokens
+    images = sum(0 if s.get("image_sizes") is None else int(s["image_sizes"].shape[0]) for s in pack)
+    return tokens + max(0, pad_images_to - images) * pad_image_tokens
+
+
 def collate_packs(
     packs: list[list[dict]],
     max_seq_len: int,
@@ -54,8 +84,16 @@ def collate_packs(
     pad_images_to: int | None = None,
     pad_image_tokens: int = 0,
     image_token_id: int = IMAGE_TOKEN_ID,
+    padding: str = "max_length",
+    pad_to_multiple_of: int = 1,
 ) -> dict:
-    """Lay out ``B = len(packs)`` packs as rows of length ``L = max_seq_len``.
+    """Lay out ``B = len(packs)`` packs as rows of ``L`` tokens.
+
+    Row length (the names of Hugging Face tokenizers' ``padding=``): ``padding="max_length"``
+    gives ``L = max_seq_len`` for every batch (static shapes); ``"longest"`` gives the longest
+    pack of this batch rounded up to a multiple of ``pad_to_multiple_of``, at most
+    ``max_seq_len``, so no compute is spent on the room a pack of whole samples leaves empty
+    (varlen attention needs no fixed length; the memory peak is still set by ``max_seq_len``).
 
     Each row is its samples back to back, then a padding tail of ``pad_token_id``. Every sample,
     and the padding tail, is its own segment: ``position_ids`` restart at 0 and ``cu_seqlens``
@@ -74,13 +112,16 @@ def collate_packs(
         packs: B lists of samples, each a dict with ``input_ids`` LongTensor [T], ``labels``
             LongTensor [T], ``pixel_values`` FloatTensor [C, 3, S, S], ``image_sizes``
             LongTensor [I, 2] and ``key`` str (see docs/architecture.md).
-        max_seq_len: L, tokens per row.
+        max_seq_len: the longest row allowed, tokens (L itself with ``padding="max_length"``).
         pad_token_id: id written into the padding tail.
         crop_size: S, the crop side in pixels: shape of an empty ``pixel_values`` [0, 3, S, S]
             and of the padding images.
         pad_images_to: images per row after padding (None: no padding images).
         pad_image_tokens: image tokens of one padding image, ``num_image_tokens(S, S)``.
         image_token_id: the ``<|image|>`` id, to find each image's first token.
+        padding: ``"max_length"`` or ``"longest"`` (see above).
+        pad_to_multiple_of: ``"longest"`` only: round the row length up to a multiple of this
+            (e.g. 64 for tensor-core friendly shapes; 1 = no rounding).
 
     Returns:
         dict with ``input_ids``, ``labels``, ``position_ids`` LongTensor [B, L]; ``cu_seqlens``
@@ -93,14 +134,16 @@ def collate_packs(
         ``sample_keys`` list[str].
 
     Raises:
-        ValueError: no packs, an empty sample, a pack longer than ``max_seq_len`` (with its
+        ValueError: no packs, an unknown ``padding`` or ``pad_to_multiple_of < 1``, an empty sample, a pack longer than ``max_seq_len`` (with its
             padding images), a sample whose ``labels`` length differs from its ``input_ids``
             length, a pack with more than ``pad_images_to`` images, or a sample whose image
             token runs do not match its ``image_sizes``.
     """
     if not packs:
         raise ValueError("collate_packs needs at least one pack")
-    B, L, S = len(packs), max_seq_len, crop_size
+    B, S = len(packs), crop_size
+    L = row_length([_pack_tokens(p, pad_images_to, pad_image_tokens) for p in packs], max_seq_len,
+                   padding, pad_to_multiple_of)
     input_ids = torch.full((B, L), pad_token_id, dtype=torch.long)
     labels = torch.full((B, L), IGNORE_INDEX, dtype=torch.long)
     position_ids = torch.zeros((B, L), dtype=torch.long)

@@ -58,7 +58,7 @@ import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from phi3v_train.data.collate import IMAGE_TOKEN_ID, PAD_TOKEN_ID, collate_packs, image_token_runs
+from phi3v_train.data.collate import IMAGE_TOKEN_ID, PAD_TOKEN_ID, collate_packs, image_token_runs, row_length
 from phi3v_train.data.pack import Packer, sample_num_images, sample_num_tokens
 from phi3v_train.data.process import truncate_sample
 
@@ -204,7 +204,7 @@ class PackedStream(IterableDataset):
                  num_streams: int, start_batch: int, buffer_size: int, shuffle_buffer: int,
                  crop_size: int, max_images_per_pack: int | None, pad_token_id: int, overlong: str,
                  pad_images_to: int | None, pad_image_tokens: int, pack: bool = True,
-                 strategy: str = "best_fill"):
+                 strategy: str = "best_fill", padding: str = "max_length", pad_to_multiple_of: int = 1):
         super().__init__()
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} must be in [0, world_size={world_size})")
@@ -214,6 +214,7 @@ class PackedStream(IterableDataset):
             raise ValueError(f"overlong={overlong!r}: use one of {OVERLONG}")
         if start_batch < 0:
             raise ValueError(f"start_batch must be >= 0, got {start_batch}")
+        row_length([], max_seq_len, padding, pad_to_multiple_of)  # validates padding
         if pad_images_to is not None and pad_image_tokens < 1:
             raise ValueError("pad_images_to needs pad_image_tokens = num_image_tokens(S, S) >= 1")
         self.urls, self.process_fn, self.length_fn, self.train = urls, process_fn, length_fn, train
@@ -224,6 +225,7 @@ class PackedStream(IterableDataset):
         self.crop_size, self.max_images_per_pack, self.pad_token_id = crop_size, max_images_per_pack, pad_token_id
         self.overlong, self.pad_images_to, self.pad_image_tokens = overlong, pad_images_to, pad_image_tokens
         self.pack, self.strategy = pack, strategy
+        self.padding, self.pad_to_multiple_of = padding, pad_to_multiple_of
         self.stats = StreamStats()
         self._errors_in_row = 0
 
@@ -367,7 +369,8 @@ class PackedStream(IterableDataset):
                 used, images = used + n, images + k
             packs.append(pack)
         return collate_packs(packs, L, self.pad_token_id, self.crop_size, pad_images_to=K,
-                             pad_image_tokens=p, image_token_id=IMAGE_TOKEN_ID)
+                             pad_image_tokens=p, image_token_id=IMAGE_TOKEN_ID, padding=self.padding,
+                             pad_to_multiple_of=self.pad_to_multiple_of)
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
@@ -448,6 +451,8 @@ def build_train_loader(
     length_fn: LengthFn | None = None,
     pack: bool = True,
     packing_strategy: str = "best_fill",
+    padding: str = "max_length",
+    pad_to_multiple_of: int = 1,
 ) -> Iterable[dict]:
     """An endless, deterministic, resumable stream of packed micro-batches for one rank.
 
@@ -489,6 +494,10 @@ def build_train_loader(
             ``process_fn.num_tokens``.
         pack: False = one sample per row, padded to ``max_seq_len`` (the unpacked baseline).
         packing_strategy: ``"best_fill"`` or ``"bfd"`` (see :mod:`phi3v_train.data.pack`).
+        padding: row length, ``"max_length"`` (every row ``max_seq_len``) or ``"longest"``
+            (the batch's longest pack rounded up to ``pad_to_multiple_of``), see
+            :func:`collate_packs`.
+        pad_to_multiple_of: ``"longest"`` only: row-length granularity in tokens.
 
     Returns:
         An iterable of batch dicts (docs/architecture.md) that never ends: the ``PackedStream``
@@ -505,7 +514,8 @@ def build_train_loader(
         seed=seed, num_streams=max(1, num_workers), start_batch=start_batch, buffer_size=buffer_size,
         shuffle_buffer=shuffle_buffer, crop_size=crop_size, max_images_per_pack=max_images_per_pack,
         pad_token_id=pad_token_id, overlong=overlong, pad_images_to=pad_images_to,
-        pad_image_tokens=pad_image_tokens, pack=pack, strategy=packing_strategy)
+        pad_image_tokens=pad_image_tokens, pack=pack, strategy=packing_strategy, padding=padding,
+        pad_to_multiple_of=pad_to_multiple_of)
     return _loader(stream, num_workers, pin_memory)
 
 
@@ -526,6 +536,8 @@ def build_eval_loader(
     overlong: str = "drop",
     length_fn: LengthFn | None = None,
     pack: bool = True,
+    padding: str = "max_length",
+    pad_to_multiple_of: int = 1,
 ) -> Iterable[dict]:
     """One pass over this rank's share of the eval shards, packed and collated, in file order.
 
@@ -555,5 +567,6 @@ def build_eval_loader(
         max_seq_len=max_seq_len, micro_batch_size=micro_batch_size, rank=rank, world_size=world_size,
         seed=0, num_streams=max(1, num_workers), start_batch=0, buffer_size=buffer_size,
         shuffle_buffer=0, crop_size=crop_size, max_images_per_pack=max_images_per_pack,
-        pad_token_id=pad_token_id, overlong=overlong, pad_images_to=None, pad_image_tokens=0, pack=pack)
+        pad_token_id=pad_token_id, overlong=overlong, pad_images_to=None, pad_image_tokens=0, pack=pack,
+        padding=padding, pad_to_multiple_of=pad_to_multiple_of)
     return _loader(stream, num_workers, pin_memory)
