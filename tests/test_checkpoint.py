@@ -155,3 +155,18 @@ def test_tags():
     assert checkpoint.tag_for(42) == "step_0000042" and checkpoint.step_of("step_0000042") == 42
     with pytest.raises(ValueError):
         checkpoint.step_of("tmp-step_0000042")
+
+
+def test_data_order_changes_are_named_at_resume():
+    """A resume with other data-order settings is named (the loader then yields other, valid batches)."""
+    from phi3v_train.config import load_config
+    from phi3v_train.train import data_order, data_order_changes
+
+    shards = ["/a/train-000000.tar", "/a/train-000001.tar"]
+    saved = data_order(load_config(None, []), shards)
+    assert data_order_changes(saved, data_order(load_config(None, []), [s.replace("/a/", "/b/") for s in shards])) == []
+    assert data_order_changes(saved, data_order(load_config(None, ["packing.padding=max_length"]), shards)) == []
+    changed = data_order_changes(saved, data_order(load_config(None, ["data.num_workers=4", "seed=1"]), shards[:1]))
+    assert [c.split(":")[0] for c in changed] == ["seed", "data.num_workers", "shards", "shards_hash"]
+    assert "data.num_workers: 0 -> 4" in changed
+    assert data_order_changes(None, saved) == []  # checkpoints from before this field

@@ -20,6 +20,7 @@ Faults (the exit codes are the ``train`` CLI's):
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import math
@@ -119,6 +120,26 @@ def build_loader(cfg: TrainConfig, mcfg, shards: list[str], *, rank: int, world_
         max_images_per_pack=p.max_images_per_pack, pad_images_to=p.pad_images_to,
         pad_image_tokens=num_image_tokens(mcfg.crop_size, mcfg.crop_size, mcfg.crop_size, mcfg.patch_size),
         start_batch=start_batch)
+
+
+def data_order(cfg: TrainConfig, shards: list[str]) -> dict:
+    """The settings that decide which samples land in which micro batch (saved in checkpoints):
+    a resume yields exactly the uninterrupted run's batches only when they are unchanged."""
+    p = cfg.packing
+    return {"seed": cfg.seed, "data.num_workers": cfg.data.num_workers, "data.shuffle_buffer": cfg.data.shuffle_buffer,
+            "data.num_crops": cfg.data.num_crops, "optim.micro_batch_size": cfg.optim.micro_batch_size,
+            "packing.max_seq_len": p.max_seq_len, "packing.buffer_size": p.buffer_size,
+            "packing.enabled": p.enabled, "packing.strategy": p.strategy, "packing.overlong": p.overlong,
+            "packing.max_images_per_pack": p.max_images_per_pack, "packing.pad_images_to": p.pad_images_to,
+            "shards": len(shards),  # by name: the same shards moved to another folder read the same
+            "shards_hash": hashlib.sha256("\n".join(u.rsplit("/", 1)[-1] for u in shards).encode()).hexdigest()[:16]}
+
+
+def data_order_changes(saved: dict | None, current: dict) -> list[str]:
+    """``"key: old -> new"`` for every data-order setting that differs (none for old checkpoints)."""
+    if not saved:
+        return []
+    return [f"{k}: {saved.get(k)!r} -> {v!r}" for k, v in current.items() if k in saved and saved[k] != v]
 
 
 def build_model(cfg: TrainConfig, ds_config: dict) -> tuple[Phi3VForCausalLM, object]:
@@ -339,6 +360,10 @@ def _run(cfg: TrainConfig, denv: dist.DistEnv, run_dir: Path, ds_config: dict, s
         state = checkpoint.load(engine, ckpt_dir, resume_tag[0], rank=denv.rank, world_size=denv.world_size)
         start_step, num_skipped = int(state["step"]), int(state.get("num_skipped_steps", 0))
         log.info("resumed from %s at step %d", ckpt_dir / resume_tag[0], start_step)
+        if changed := data_order_changes(state.get("data_order"), data_order(cfg, shards)):
+            log.warning("resuming with another data order than the checkpointed run (%s): the batches from "
+                        "step %d on are valid but not those the uninterrupted run would have seen",
+                        "; ".join(changed), start_step)
     if denv.is_main and checkpoint.truncate_metrics(run_dir / "metrics.jsonl", start_step):
         log.info("dropped metrics records after step %d (logged after the last checkpoint)", start_step)
 
@@ -369,7 +394,7 @@ def _run(cfg: TrainConfig, denv: dist.DistEnv, run_dir: Path, ds_config: dict, s
         checkpoint.save(engine, ckpt_dir, at_step, rank=denv.rank, world_size=denv.world_size,
                         keep_last=cfg.checkpoint.keep_last, config_path=run_dir / "config.yaml",
                         client_state={"step": at_step, "micro_batches_per_rank": at_step * o.gradient_accumulation_steps,
-                                      "num_skipped_steps": num_skipped},
+                                      "num_skipped_steps": num_skipped, "data_order": data_order(cfg, shards)},
                         before_commit=_kill_in_save(cfg, at_step, denv.rank))
         last_saved = at_step
 
