@@ -8,8 +8,8 @@ import tarfile
 import pytest
 import torch
 
-from phi3v_train.bench import (BenchPoint, aggregate, combine_repeats, packing_ratios, synthetic_shards,
-                                write_report)
+from phi3v_train.bench import (BenchPoint, aggregate, combine_repeats, layout_ratios, packing_ratios,
+                                synthetic_shards, write_report)
 from phi3v_train.config import REPO_ROOT, load_config
 from phi3v_train.data.collate import collate_packs
 from phi3v_train.flops import FlopModel
@@ -99,8 +99,13 @@ def test_aggregate_ratio_and_report(tmp_path):
                {"point": vars(BenchPoint("padded-256", seq_len=256, packing=False)), **b, "planned_gib": 0.2},
                {"point": vars(BenchPoint("packed-512-eager", attn_implementation="eager")), "returncode": 1,
                 "error": "boom"}]
-    (ratio,) = packing_ratios(results)
+    longest = [_record(i, 900, 920, 0.9) for i in (2, 3)]
+    results.append({"point": vars(BenchPoint("packed-256-longest", seq_len=256, padding="longest")),
+                    **aggregate(longest, warmup=0)})
+    (ratio,) = packing_ratios(results)  # the longest-rows point has no padded twin
     assert ratio["seq_len"] == 256 and ratio["ratio"] == pytest.approx(3.0)
+    (layout,) = layout_ratios(results)
+    assert layout["max_length"] == "packed-256" and layout["ratio"] == pytest.approx(1000 / 900)
     assert ratio["efficiency_ratio"] == pytest.approx(3.0) and ratio["slot_rate_ratio"] == pytest.approx(1.0)
     env = {"gpu": None, "cpu": "test cpu", "cpu_count": 2, "torch": "t", "transformers": "x", "deepspeed": "d",
            "python": "3", "phi3v_train": "0", "platform": "p", "git_commit": None}
@@ -108,6 +113,7 @@ def test_aggregate_ratio_and_report(tmp_path):
                                      "nproc": 2, "steps": 3, "warmup": 1, "environment": env})
     report = (tmp_path / "report.md").read_text()
     assert "**3.00x**" in report and "FAILED" in report and "boom" in report
+    assert "**1.11x**" in report and "on (rows: longest)" in report
     assert json.loads((tmp_path / "results.json").read_text())["packing_vs_padding"][0]["ratio"] == pytest.approx(3.0)
     for png in ("tokens_memory_vs_seq_len.png", "step_breakdown.png"):
         assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"

@@ -314,8 +314,32 @@ def packing_ratios(results: list[dict]) -> list[dict]:
     return sorted(out, key=lambda d: d["seq_len"])
 
 
+def layout_ratios(results: list[dict]) -> list[dict]:
+    """Non-padding tokens/s with rows of the longest pack / rows of max_seq_len (same other settings)."""
+    ok = [r for r in results if "tokens_per_s" in r]
+    out = []
+    for r in ok:
+        p = r["point"]
+        if p.get("padding") != "longest":
+            continue
+        twin = next((q for q in ok if {**q["point"], "padding": "longest", "name": ""} == {**p, "name": ""}
+                     and q["point"].get("padding", "max_length") == "max_length"), None)
+        if twin:
+            out.append({"seq_len": p["seq_len"], "longest": p["name"], "max_length": twin["point"]["name"],
+                        "longest_tokens_per_s": r["tokens_per_s"], "max_length_tokens_per_s": twin["tokens_per_s"],
+                        "ratio": r["tokens_per_s"] / twin["tokens_per_s"],
+                        "longest_efficiency": r["packing_efficiency"], "max_length_efficiency": twin["packing_efficiency"]})
+    return out
+
+
 def _fmt(v, spec=".0f", none="n/a"):
     return none if v is None else format(v, spec)
+
+
+def _packing_cell(p: dict) -> str:
+    """"on"/"off", plus the row layout when rows are cut to the longest pack."""
+    layout = " (rows: longest)" if p.get("padding") == "longest" else ""
+    return ("on" if p["packing"] else "off") + layout
 
 
 def report_table(results: list[dict], model: str, hardware: str, versions: str) -> str:
@@ -327,14 +351,14 @@ def report_table(results: list[dict], model: str, hardware: str, versions: str) 
         p = r["point"]
         if "tokens_per_s" not in r:
             lines.append(f"| {p['name']} | {model} | {hardware} | - | {p['seq_len']} | {p['micro_batch_size']} | "
-                         f"{p['gradient_accumulation_steps']} | {'on' if p['packing'] else 'off'} | "
+                         f"{p['gradient_accumulation_steps']} | {_packing_cell(p)} | "
                          f"{p['attn_implementation']} | {'on' if p['gradient_checkpointing'] else 'off'} | {p['zero']} | "
                          f"FAILED (rc {r['returncode']}) |||||||||")
             continue
         mem = r.get("gpu_mem_allocated_gib", r.get("rss_peak_delta_gib"))
         lines.append(
             f"| {p['name']} | {model} | {hardware} | {r['world_size']} | {p['seq_len']} | {p['micro_batch_size']} "
-            f"| {p['gradient_accumulation_steps']} | {'on' if p['packing'] else 'off'} | {p['attn_implementation']} "
+            f"| {p['gradient_accumulation_steps']} | {_packing_cell(p)} | {p['attn_implementation']} "
             f"| {'on' if p['gradient_checkpointing'] else 'off'} | {p['zero']} | {r['tokens_per_s']:.0f} "
             f"| {r['tokens_per_s_per_device']:.0f} | {r['all_tokens_per_s']:.0f} | {r['tflops_per_device']:.4f} "
             f"| {_fmt(r['mfu'] and 100 * r['mfu'], '.1f')}{'%' if r['mfu'] else ''} | {_fmt(mem, '.2f')} "
@@ -442,6 +466,15 @@ def write_report(results: list[dict], out: Path, meta: dict) -> None:
         lines.append(f"| {d['seq_len']} | {d['packed_tokens_per_s']:.0f} | {d['padded_tokens_per_s']:.0f} | "
                      f"**{d['ratio']:.2f}x** | {100 * d['packed_efficiency']:.1f}% | {100 * d['padded_efficiency']:.1f}% "
                      f"| {d['efficiency_ratio']:.2f} | {d['slot_rate_ratio']:.2f} |")
+    layouts = layout_ratios(results)
+    if layouts:
+        lines += ["", "## Rows of the longest pack vs rows of max_seq_len (packed, non-padding tokens/s, same run)", "",
+                  "`packing.padding=longest` cuts each micro batch's rows to its longest pack (rounded up to "
+                  "`packing.pad_to_multiple_of`): the same packs, fewer padding slots computed.", "",
+                  "| seq len | longest tok/s | max_length tok/s | ratio | longest eff | max_length eff |", "|---|---|---|---|---|---|"]
+        lines += [f"| {d['seq_len']} | {d['longest_tokens_per_s']:.0f} | {d['max_length_tokens_per_s']:.0f} | "
+                  f"**{d['ratio']:.2f}x** | {100 * d['longest_efficiency']:.1f}% | {100 * d['max_length_efficiency']:.1f}% |"
+                  for d in layouts]
     lines += ["", "## All configurations", "", report_table(results, meta["model"], hardware, versions), "",
               "## Step breakdown (seconds per optimizer step, mean over ranks)", "",
               "| config | step | data wait | forward | backward | optimizer | other | straggler max/min |",
