@@ -110,7 +110,7 @@ def main(argv=None) -> int:
     chunk = 4096 if not args.tiny else 256
     cfg = load_config(None, [
         f"model.name={model_name}", f"model.attn_implementation={attn}", "model.gradient_checkpointing=true",
-        f"model.loss_chunk_size={chunk}", f"deepspeed.precision={precision}", f"deepspeed.torch_adam=true",
+        f"model.loss_chunk_size={chunk}", f"deepspeed.precision={precision}", "deepspeed.torch_adam=true",
         f"deepspeed.offload_optimizer={str(offload).lower()}", "optim.lr=1e-5", "optim.warmup_steps=0",
         f"optim.max_steps={args.warmup + args.steps}", "optim.micro_batch_size=1", "optim.gradient_accumulation_steps=1",
         f"packing.max_seq_len={max(seq_lens)}", "run_dir=runs/gpu_check"])

@@ -126,7 +126,8 @@ def cmd_demo(args) -> int:
     print(f"  steps            {s['steps']}")
     print(f"  loss             {s['first_loss']:.3f} -> {s['last_loss']:.3f}")
     print(f"  tokens/s         {s['tokens_per_s']:.0f} (all ranks)")
-    print(f"  packing          {100 * s['packing_efficiency']:.1f}% of token slots are real tokens")
+    print(f"  packing          {100 * s['packing_efficiency']:.1f}% of the token slots computed are real tokens; "
+          f"packs {100 * s['pack_fill']:.1f}% full of {s['max_seq_len']} tokens")
     print(f"  checkpoint       {s['checkpoint']}")
     print(f"  run directory    {run_dir}  (config.yaml, metrics.jsonl, logs/)")
     if not args.no_eval:

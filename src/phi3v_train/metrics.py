@@ -11,6 +11,12 @@ by the number of ranks; times are seconds per optimizer step, averaged over rank
 
 =============================== ===========================================================
 tokens, token_slots             non-padding tokens / all token slots (B x L) over all ranks
+label_tokens, samples, images   tokens with a label, samples, real images (all ranks)
+packing_efficiency              tokens / token_slots: share of the slots computed that hold real
+                                tokens (rows of the longest pack: ~1.0 even when packs of whole
+                                samples leave room)
+pack_fill                       tokens / (packs x max_seq_len): how full the packs are (equals
+                                packing_efficiency with packing.padding=max_length)
 tokens_per_s[_per_device]       non-padding tokens per second
 all_tokens_per_s[_per_device]   all token slots (padding included) per second
 samples_per_s, images_per_s     samples / images per second (all ranks)
@@ -150,16 +156,19 @@ class ThroughputMeter:
 
     def _reset(self) -> None:
         self.num_tokens = self.token_slots = self.num_samples = self.num_images = 0
-        self.num_image_tokens = 0
+        self.num_image_tokens = self.num_label_tokens = self.budget_slots = 0
         self.flops = 0.0
         self.data_s = 0.0
 
     def add_batch(self, batch: dict, data_s: float = 0.0) -> None:
         """Count one micro-batch (host tensors) and the seconds spent waiting for it."""
+        B, L = batch["input_ids"].shape
         self.num_tokens += int(batch["num_tokens"])
-        self.token_slots += int(batch["input_ids"].numel())
+        self.token_slots += B * L
+        self.budget_slots += B * int(batch.get("max_seq_len", L))
+        self.num_label_tokens += int(batch.get("num_label_tokens", 0))
         self.num_samples += int(batch["num_samples"])
-        self.num_images += int(batch["image_sizes"].shape[0])
+        self.num_images += int(batch.get("num_images", batch["image_sizes"].shape[0]))
         self.num_image_tokens += int((batch["input_ids"] == self.image_token_id).sum())
         self.flops += batch_train_flops(self.flop_model, batch, self.image_token_id, self.causal)
         self.data_s += data_s
@@ -189,21 +198,23 @@ class ThroughputMeter:
         phases = self.timer.collect()
         mem = self.memory()
         mem_keys = sorted(mem)
-        local = [self.num_tokens, self.token_slots, self.num_samples, self.num_images, self.num_image_tokens,
-                 self.flops, self.data_s, *(phases.get(p, 0.0) for p in PHASES), *(mem[k] for k in mem_keys)]
+        counts = [self.num_tokens, self.token_slots, self.num_samples, self.num_images, self.num_image_tokens,
+                  self.flops, self.num_label_tokens, self.budget_slots]
+        local = [*counts, self.data_s, *(phases.get(p, 0.0) for p in PHASES), *(mem[k] for k in mem_keys)]
         g = _gather(local, self.device)  # [world, K]
-        world = g.shape[0]
-        tot = g.sum(0).tolist()
-        tokens, slots, samples, images, image_tokens, flops = tot[:6]
+        world, n = g.shape[0], len(counts)
+        tokens, slots, samples, images, image_tokens, flops, label_tokens, budget = g[:, :n].sum(0).tolist()
         dt = max(elapsed_s, 1e-9)
         steps = max(num_steps, 1)
-        per_rank = g[:, 6:10] / steps  # [world, 4]: data, forward, backward, optimizer s/step
+        per_rank = g[:, n:n + 4] / steps  # [world, 4]: data, forward, backward, optimizer s/step
         mean = per_rank.mean(0).tolist()
         busy = per_rank[:, 1:].sum(1)  # [world]
         tok_per_rank = g[:, 0]
         step_time = dt / steps
         rec = {
-            "tokens": int(tokens), "token_slots": int(slots),
+            "tokens": int(tokens), "token_slots": int(slots), "label_tokens": int(label_tokens),
+            "samples": int(samples), "images": int(images),
+            "packing_efficiency": tokens / slots if slots else 0.0, "pack_fill": tokens / budget if budget else 0.0,
             "tokens_per_s": tokens / dt, "tokens_per_s_per_device": tokens / dt / world,
             "all_tokens_per_s": slots / dt, "all_tokens_per_s_per_device": slots / dt / world,
             "samples_per_s": samples / dt, "images_per_s": images / dt,
@@ -221,7 +232,7 @@ class ThroughputMeter:
             "rank_tokens_max_over_mean": (float(tok_per_rank.max() / tok_per_rank.mean())
                                           if float(tok_per_rank.mean()) > 0 else None),
         }
-        mem_max = g[:, 10:].max(0).values.tolist()
+        mem_max = g[:, n + 4:].max(0).values.tolist()
         for k, v in zip(mem_keys, mem_max):
             rec[{"gpu_allocated": "gpu_mem_allocated_gib", "gpu_reserved": "gpu_mem_reserved_gib"}.get(k, k + "_gib")] = v
         self._reset()

@@ -30,7 +30,6 @@ import sys
 import threading
 import time
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -165,16 +164,6 @@ def build_model(cfg: TrainConfig, ds_config: dict) -> tuple[Phi3VForCausalLM, ob
     if cfg.model.gradient_checkpointing:
         model.activation_checkpointing_enable()  # non-reentrant: LM and CLIP layers
     return model, dschf
-
-
-@dataclass
-class StepStats:
-    """What one optimizer step did on this rank (host-side numbers, no device syncs)."""
-    num_tokens: int = 0
-    num_label_tokens: int = 0
-    num_samples: int = 0
-    num_images: int = 0
-    token_slots: int = 0
 
 
 class NonFiniteLossError(RuntimeError):
@@ -382,7 +371,6 @@ def _run(cfg: TrainConfig, denv: dist.DistEnv, run_dir: Path, ds_config: dict, s
     wandb_run = metrics.init_wandb(cfg, run_dir, denv.is_main)
     history = []
     t_last = time.perf_counter()
-    interval = [0.0] * 5  # label tokens, tokens, token slots, samples, images since the last log
     last_logged = start_step
     last_saved = start_step if resume_tag[0] is not None else None
     nonfinite_in_row, preempted, t_first = 0, False, None
@@ -399,37 +387,29 @@ def _run(cfg: TrainConfig, denv: dist.DistEnv, run_dir: Path, ds_config: dict, s
         last_saved = at_step
 
     for step in range(start_step, o.max_steps):
-        stats = StepStats()
         micro = []
         for _ in range(o.gradient_accumulation_steps):
             t0 = time.perf_counter()
             b = next(batches)
             meter.add_batch(b, data_s=time.perf_counter() - t0)  # host-side: CPU batch, no device sync
             micro.append(b)
-            stats.num_tokens += b["num_tokens"]
-            stats.num_label_tokens += b["num_label_tokens"]
-            stats.num_samples += b["num_samples"]
-            stats.num_images += int(b["image_sizes"].shape[0])
-            stats.token_slots += b["input_ids"].numel()
-        # Token counts of the whole global batch and the stop/save requests (one small all-reduce
+        # Label tokens of the whole global batch and the stop/save requests (one small all-reduce
         # per step): the loss is sum(CE) / (label tokens over all ranks and micro-steps), a global
         # token mean; a signal on any rank stops every rank at this same step boundary.
-        counts = torch.tensor([stats.num_label_tokens, stats.num_tokens, stats.token_slots,
-                               stats.num_samples, stats.num_images, *stop.local_flags()], dtype=torch.float64, device=device)
+        counts = torch.tensor([sum(b["num_label_tokens"] for b in micro), *stop.local_flags()],
+                              dtype=torch.float64, device=device)
         torch_dist.all_reduce(counts)
-        counts = counts.tolist()  # device-to-host sync: the loss normaliser is needed before forward
-        if counts[5] or counts[6]:  # this step's batches are unused: a resume reads them again
+        n_label, stop_now, save_now = counts.tolist()  # device-to-host sync: the normaliser is needed before forward
+        if stop_now or save_now:  # this step's batches are unused: a resume reads them again
             log.warning("%s: checkpoint at step %d%s", f"received {stop.signal}" if stop.signal else "stop/save request",
-                        step, ", then stop" if counts[5] else " (SAVE_NOW)")
+                        step, ", then stop" if stop_now else " (SAVE_NOW)")
             save(step)
             if denv.is_main:
                 stop.save_file.unlink(missing_ok=True)
-            if counts[5]:
+            if stop_now:
                 preempted = True
                 break
-        n_label = max(counts[0], 1.0)
-        for i, c in enumerate(counts[:5]):
-            interval[i] += c
+        n_label = max(n_label, 1.0)
         poison = step + 1 in cfg.debug.nan_loss_steps and denv.rank == denv.world_size - 1
         loss_sum, applied = train_step(engine, micro, n_label, denv.world_size, device, meter, poison=poison)
         nonfinite_in_row = 0 if applied else nonfinite_in_row + 1
@@ -457,11 +437,8 @@ def _run(cfg: TrainConfig, denv: dist.DistEnv, run_dir: Path, ds_config: dict, s
                 "step": step + 1, "loss": loss if math.isfinite(loss) else None, "lr": scheduler.get_last_lr()[0],
                 "grad_norm": grad_norm if math.isfinite(grad_norm) else None, "skipped_steps": num_skipped,
                 "eta_s": eta_s,
-                "packing_efficiency": interval[1] / interval[2],
-                "samples": int(interval[3]), "images": int(interval[4]), "label_tokens": int(interval[0]),
             }
-            rec.update(meter.flush(dt, n_steps))  # collective: tokens/s, MFU, step breakdown, memory
-            interval = [0.0] * 5
+            rec.update(meter.flush(dt, n_steps))  # collective: counts, tokens/s, MFU, step breakdown, memory
             history.append(rec)
             log.info("step %d/%d loss %.4f lr %.2e gnorm %.3f tok/s %.0f packing %.1f%% eta %s", rec["step"], o.max_steps,
                      loss, rec["lr"], grad_norm, rec["tokens_per_s"], 100 * rec["packing_efficiency"], _hms(eta_s))
@@ -484,6 +461,8 @@ def _run(cfg: TrainConfig, denv: dist.DistEnv, run_dir: Path, ds_config: dict, s
         "first_loss": history[0]["loss"] if history else None, "last_loss": history[-1]["loss"] if history else None,
         "tokens_per_s": (sum(h["tokens_per_s"] for h in history[1:]) / max(1, len(history) - 1)) if history else None,
         "packing_efficiency": (sum(h["packing_efficiency"] for h in history) / len(history)) if history else None,
+        "pack_fill": (sum(h["pack_fill"] for h in history) / len(history)) if history else None,
+        "max_seq_len": cfg.packing.max_seq_len,
         "steps": o.max_steps, "checkpoint": str(ckpt_dir), "zero_stage": engine.zero_optimization_stage(),
         "local_param_numel_at_init": local_numel, "partition_numel_rank0": partition_numel,
     }

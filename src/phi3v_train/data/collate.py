@@ -130,7 +130,8 @@ def collate_packs(
         [C, 3, S, S] (all crops in token order); ``image_sizes`` LongTensor [I, 2];
         ``image_positions`` LongTensor [I, 2] (row, offset of the image's first token);
         ``num_tokens`` (sample tokens: no padding, no padding images), ``num_label_tokens``
-        (labels != -100), ``num_samples``, ``num_images`` (real), ``num_pad_images`` ints;
+        (labels != -100), ``num_samples``, ``num_images`` (real), ``num_pad_images``,
+        ``max_seq_len`` (the pack capacity, >= L) ints;
         ``sample_keys`` list[str].
 
     Raises:
@@ -218,5 +219,6 @@ def collate_packs(
         "num_samples": len(keys),
         "num_images": num_images,
         "num_pad_images": num_pad_images,
+        "max_seq_len": max_seq_len,
         "sample_keys": keys,
     }
