@@ -166,7 +166,8 @@ def test_data_order_changes_are_named_at_resume():
     saved = data_order(load_config(None, []), shards)
     assert data_order_changes(saved, data_order(load_config(None, []), [s.replace("/a/", "/b/") for s in shards])) == []
     assert data_order_changes(saved, data_order(load_config(None, ["packing.padding=max_length"]), shards)) == []
-    changed = data_order_changes(saved, data_order(load_config(None, ["data.num_workers=4", "seed=1"]), shards[:1]))
-    assert [c.split(":")[0] for c in changed] == ["seed", "data.num_workers", "shards", "shards_hash"]
-    assert "data.num_workers: 0 -> 4" in changed
+    assert data_order_changes(saved, data_order(load_config(None, ["data.num_workers=4"]), shards)) == []
+    changed = data_order_changes(saved, data_order(load_config(None, ["data.num_streams=4", "seed=1"]), shards[:1]))
+    assert [c.split(":")[0] for c in changed] == ["seed", "data.num_streams", "shards", "shards_hash"]
+    assert "data.num_streams: 8 -> 4" in changed
     assert data_order_changes(None, saved) == []  # checkpoints from before this field

@@ -166,24 +166,32 @@ def assert_same_batches(xs, ys):
             assert torch.equal(x[name], y[name]), name
 
 
-@pytest.mark.parametrize("num_workers,rank,starts", [(0, 0, (5,)), (2, 0, (3, 4)), (2, 1, (3,))])
-def test_resume_yields_the_uninterrupted_batches(shards, num_workers, rank, starts):
-    """Restart at micro-batch k == the uninterrupted run from k on (2 ranks x 2 workers included)."""
+@pytest.mark.parametrize("workers,resume_workers,rank,starts",
+                         [(0, 0, 0, (5,)), (2, 2, 0, (3, 4)), (2, 1, 1, (3,)), (0, 4, 0, (6,))])
+def test_resume_yields_the_uninterrupted_batches(shards, workers, resume_workers, rank, starts):
+    """Restart at micro-batch k == the uninterrupted run from k on (2 ranks x 2 workers included),
+    also when the restart has another number of workers (the order depends on num_streams only)."""
     total = 9
-    full = take(train_loader(shards, num_workers=num_workers, rank=rank), total)
+    full = take(train_loader(shards, num_workers=workers, rank=rank, num_streams=4), total)
     for k in starts:
-        resumed = take(train_loader(shards, num_workers=num_workers, rank=rank, start_batch=k), total - k)
+        resumed = take(train_loader(shards, num_workers=resume_workers, rank=rank, num_streams=4, start_batch=k),
+                       total - k)
         assert_same_batches(full[k:], resumed)
+
+
+def test_workers_must_divide_num_streams(shards):
+    with pytest.raises(ValueError, match="num_workers=3 must divide num_streams=8"):
+        train_loader(shards, num_workers=3)
 
 
 def test_only_packed_samples_are_processed_and_replay_processes_nothing(shards):
     proc = FakeProcess()
-    loader = train_loader(shards, start_batch=4, process_fn=proc)
+    loader = train_loader(shards, start_batch=9, process_fn=proc, num_streams=2)
     batches = take(loader, 2)
     # process_fn ran once per sample of the two emitted batches (+ the ones it rejected), never
-    # for the 4 replayed batches or the samples still waiting in the buffers
+    # for the 4 + 5 replayed batches of the two sub-streams or the samples still waiting in the buffers
     assert proc.calls == sum(b["num_samples"] for b in batches) + loader.stats.num_bad_process
-    assert loader.stats.num_skipped_batches == 4
+    assert loader.stats.num_skipped_batches == 9
 
 
 def test_pipe_urls_and_overlong_truncation(shards):

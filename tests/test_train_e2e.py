@@ -160,7 +160,8 @@ def test_export_to_hf_directory(baseline, tmp_path):
 
 def test_exact_resume_after_kill_in_save_and_preemption(baseline, luma_shards, tmp_path):
     """Run 1 is SIGKILLed (rank 0) in the middle of saving step 4: the survivor names the dead
-    rank, `latest` stays on step 2. Run 2 resumes from step 2 and gets SIGUSR1 on rank 1 during
+    rank, `latest` stays on step 2. Run 2 resumes from step 2 (with 2 loader workers instead of
+    none) and gets SIGUSR1 on rank 1 during
     step 5: both ranks checkpoint step 5, rank 0 runs `scontrol requeue`, both exit 3. Run 3
     resumes from step 5 and finishes. Every step's loss equals the uninterrupted run's."""
     base_dir, _ = baseline
@@ -182,7 +183,8 @@ def test_exact_resume_after_kill_in_save_and_preemption(baseline, luma_shards, t
     (bin_dir / "scontrol").write_text(f"#!/bin/sh\necho \"$@\" >> {tmp_path / 'scontrol.log'}\n")
     (bin_dir / "scontrol").chmod(0o755)
     env = {"SLURM_JOB_ID": "4242", "PATH": f"{bin_dir}:{os.environ['PATH']}"}
-    procs = start_direct(run_dir, [*common, "debug.signal_step=5", "debug.signal_rank=1"], env=env)
+    # run 2 loads with 2 DataLoader workers (runs 1 and 3: in the training process): the same batches
+    procs = start_direct(run_dir, [*common, "debug.signal_step=5", "debug.signal_rank=1", "data.num_workers=2"], env=env)
     rcs = wait_all(procs, 240)
     assert rcs == [3, 3], direct_output(run_dir, 0)[-3000:] + direct_output(run_dir, 1)[-3000:]  # PREEMPTED
     assert (tmp_path / "scontrol.log").read_text().split() == ["requeue", "4242"]
@@ -191,6 +193,7 @@ def test_exact_resume_after_kill_in_save_and_preemption(baseline, luma_shards, t
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["preempted"] is True and summary["resumed_from_step"] == 2 and summary["last_step"] == 5
     assert "resumed from" in (run_dir / "logs/rank1.log").read_text()
+    assert "another data order" not in (run_dir / "logs/rank0.log").read_text()
 
     run_train(run_dir, common)
     metrics, base = read_metrics(run_dir), read_metrics(base_dir)

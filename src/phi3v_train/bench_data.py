@@ -187,7 +187,9 @@ def measure_throughput(urls: list[str], *, num_crops: int, max_seq_len: int, num
 
 def measure_resume(urls: list[str], *, num_crops: int, max_seq_len: int, start_batch: int) -> dict[str, Any]:
     """Cost of resuming at ``start_batch`` (one process): seconds to the first batch minus those of
-    a fresh start, and the records replayed on lengths only (no image decode) in between."""
+    a fresh start, and the records replayed on lengths only (no image decode) in between. One
+    sub-stream, so all ``start_batch`` batches are replayed before the first batch out (with S
+    sub-streams the same replay is spread over the first S batches)."""
     from .data.process import RecordProcessor
     from .data.stream import build_train_loader
 
@@ -196,7 +198,7 @@ def measure_resume(urls: list[str], *, num_crops: int, max_seq_len: int, start_b
     for k in (0, start_batch):
         loader = build_train_loader(urls, RecordProcessor(processor), max_seq_len=max_seq_len, micro_batch_size=1,
                                     rank=0, world_size=1, num_workers=0, seed=0, crop_size=processor.crop_size,
-                                    start_batch=k)
+                                    start_batch=k, num_streams=1)
         t0 = time.perf_counter()
         next(iter(loader))
         timings[k] = (time.perf_counter() - t0, loader.stats.num_read)

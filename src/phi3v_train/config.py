@@ -71,9 +71,13 @@ class DataConfig:
     num_crops: int | None = None
     """HD-transform crop budget per image; None = the model config's default (16 for 3-V, 4 for 3.5-V)."""
     num_workers: int = 0
-    """DataLoader worker processes per rank (0 = load in the training process)."""
+    """DataLoader worker processes per rank (0 = load in the training process); must divide
+    num_streams. Not part of the data order: a resume may change it."""
+    num_streams: int = 8
+    """Independent sample sub-streams per rank (each: its own shard draws, shuffle and packer),
+    shared evenly by the workers. Part of the data order: keep it across resumes."""
     shuffle_buffer: int = 64
-    """Samples held in the shuffle buffer of each worker."""
+    """Undecoded samples held in the shuffle buffer of each sub-stream."""
     split_shards_by_rank: bool = False
     """Give each rank its own disjoint shard subset (shard i -> rank i % world) instead of
     resampling all shards on every rank."""
@@ -83,6 +87,9 @@ class DataConfig:
             raise ConfigError("data.num_crops must be >= 1 (or null for the model default)")
         if self.num_workers < 0:
             raise ConfigError("data.num_workers must be >= 0")
+        if self.num_streams < 1 or self.num_streams % max(1, self.num_workers):
+            raise ConfigError(f"data.num_workers={self.num_workers} must divide data.num_streams={self.num_streams}: "
+                              "the workers share the sub-streams evenly (e.g. num_streams=8 with 1, 2, 4 or 8 workers)")
 
 
 @dataclass

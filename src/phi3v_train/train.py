@@ -116,7 +116,7 @@ def build_loader(cfg: TrainConfig, mcfg, shards: list[str], *, rank: int, world_
         rank=rank, world_size=world_size, num_workers=cfg.data.num_workers, seed=cfg.seed,
         buffer_size=p.buffer_size, crop_size=mcfg.crop_size, pack=p.enabled, shuffle_buffer=cfg.data.shuffle_buffer,
         overlong=p.overlong, packing_strategy=p.strategy, padding=p.padding, pad_to_multiple_of=p.pad_to_multiple_of,
-        max_images_per_pack=p.max_images_per_pack, pad_images_to=p.pad_images_to,
+        max_images_per_pack=p.max_images_per_pack, pad_images_to=p.pad_images_to, num_streams=cfg.data.num_streams,
         pad_image_tokens=num_image_tokens(mcfg.crop_size, mcfg.crop_size, mcfg.crop_size, mcfg.patch_size),
         start_batch=start_batch)
 
@@ -125,7 +125,7 @@ def data_order(cfg: TrainConfig, shards: list[str]) -> dict:
     """The settings that decide which samples land in which micro batch (saved in checkpoints):
     a resume yields exactly the uninterrupted run's batches only when they are unchanged."""
     p = cfg.packing
-    return {"seed": cfg.seed, "data.num_workers": cfg.data.num_workers, "data.shuffle_buffer": cfg.data.shuffle_buffer,
+    return {"seed": cfg.seed, "data.num_streams": cfg.data.num_streams, "data.shuffle_buffer": cfg.data.shuffle_buffer,
             "data.num_crops": cfg.data.num_crops, "optim.micro_batch_size": cfg.optim.micro_batch_size,
             "packing.max_seq_len": p.max_seq_len, "packing.buffer_size": p.buffer_size,
             "packing.enabled": p.enabled, "packing.strategy": p.strategy, "packing.overlong": p.overlong,

@@ -11,18 +11,21 @@ so host memory holds raw bytes in the buffers, never ``buffer_size`` x 23 MB of 
 crops of a batch are written in place into one float32 buffer (shared memory in a DataLoader
 worker) that becomes the batch's ``pixel_values``: no concatenation, no copy to the trainer.
 
-Determinism and resume. A rank's stream is a fixed interleaving of ``S = max(1, num_workers)``
-sub-streams: global batch ``n`` is the ``n // S``-th batch of sub-stream ``n % S``, which is what a
-``DataLoader`` over an ``IterableDataset`` yields (it asks workers in turn and keeps the order).
-Each sub-stream is a pure function of (seed, rank, sub-stream, S, shard contents): its shard
-draws, its shuffle and its packing decisions depend on nothing else. ``start_batch=k``
-(micro-batches this rank already consumed) rotates the sub-streams over the workers so that the
-first batch out is global batch ``k``, and every sub-stream replays its planned batches before
-that point on lengths alone (tar read + json + tokenising the text: no image decode, no HD
-transform, no collate), then continues for real. So the batches from ``k`` on are exactly those
-of the uninterrupted run (same keys, same packs, same tensors) for the same seed, rank,
-world_size and num_workers; another ``num_workers`` gives another (equally valid) order.
-A sample that fails to decode or process is left out of its pack in both runs alike.
+Determinism and resume. A rank's training stream is a fixed interleaving of ``S = num_streams``
+sub-streams (``data.num_streams``, 8 by default): global batch ``n`` is the ``n // S``-th batch of
+sub-stream ``n % S``. Each sub-stream is a pure function of (seed, rank, sub-stream, S, shard
+contents): its shard draws, its shuffle and its packing decisions depend on nothing else, in
+particular not on the number of DataLoader workers. ``W`` workers (``W`` must divide ``S``) share
+the sub-streams: worker ``w`` makes global batches ``w, w + W, w + 2W, ...`` (a ``DataLoader`` over
+an ``IterableDataset`` asks the workers in turn and keeps that order), i.e. the batches of the
+``S / W`` sub-streams ``v = w (mod W)``, interleaved. ``start_batch=k`` (micro-batches this rank
+already consumed) shifts this so that the first batch out is global batch ``k``, and every
+sub-stream replays its planned batches before that point on lengths alone (tar read + json +
+tokenising the text: no image decode, no HD transform, no collate), then continues for real. So
+the batches from ``k`` on are exactly those of the uninterrupted run (same keys, same packs, same
+tensors) for the same seed, rank, world_size and num_streams, whatever the number of workers of
+either run. A sample that fails to decode or process is left out of its pack in both runs alike.
+Memory: each sub-stream holds up to ``shuffle_buffer`` + ``buffer_size`` undecoded samples.
 
 Train: every (rank, sub-stream) draws shards with replacement from the whole list with its own
 seeded RNG (WebDataset's ``ResampledShards`` idea), so the stream never ends and no rank runs out:
@@ -375,19 +378,28 @@ class PackedStream(IterableDataset):
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        if num_workers != self.num_streams:
-            raise RuntimeError(f"stream built for {self.num_streams} workers runs in {num_workers}: "
-                               "build it with build_train_loader(num_workers=...)")
-        if self.train:  # global batch n = batch n // S of sub-stream n % S; first out: start_batch
-            first = self.start_batch + worker
-            stream, skip = first % self.num_streams, first // self.num_streams
-        else:
-            stream, skip = worker, 0
-        for i, planned in enumerate(self._planned_batches(stream)):
-            if i < skip:
-                self.stats.add("num_skipped_batches")
-                continue
-            yield self._materialize(planned)
+        if not self.train:
+            if num_workers != self.num_streams:
+                raise RuntimeError(f"eval stream built for {self.num_streams} workers runs in {num_workers}: "
+                                   "build it with build_eval_loader(num_workers=...)")
+            for planned in self._planned_batches(worker):
+                yield self._materialize(planned)
+            return
+        S = self.num_streams
+        if S % num_workers:
+            raise RuntimeError(f"{num_workers} DataLoader workers cannot share {S} sub-streams: use a "
+                               f"num_workers that divides num_streams={S}")
+        streams: dict[int, Iterator[list[list[_Item]]]] = {}
+        n = self.start_batch + worker  # global batch n = batch n // S of sub-stream n % S
+        while True:
+            v, i = n % S, n // S
+            if v not in streams:  # first visit: replay the batches before start_batch on lengths only
+                streams[v] = self._planned_batches(v)
+                for _ in range(i):
+                    next(streams[v])
+                    self.stats.add("num_skipped_batches")
+            yield self._materialize(next(streams[v]))
+            n += num_workers
 
 
 def retain_freed_memory(mmap_threshold: int = 256 << 20, trim_threshold: int = 1 << 30) -> bool:
@@ -453,6 +465,7 @@ def build_train_loader(
     packing_strategy: str = "best_fill",
     padding: str = "max_length",
     pad_to_multiple_of: int = 1,
+    num_streams: int = 8,
 ) -> Iterable[dict]:
     """An endless, deterministic, resumable stream of packed micro-batches for one rank.
 
@@ -464,8 +477,8 @@ def build_train_loader(
     run a fixed number of steps (every rank then runs the same number, none hangs).
 
     Resume: ``start_batch=k`` yields exactly the batches the uninterrupted run (same arguments,
-    same ``num_workers``) yielded from its k-th on; the skipped ones are replayed on lengths only
-    (see the module docstring for the cost).
+    any ``num_workers`` that divides ``num_streams``) yielded from its k-th on; the skipped ones
+    are replayed on lengths only (see the module docstring for the cost).
 
     Args:
         urls: shards: a list of paths, a glob, a brace pattern or ``pipe:`` commands (see
@@ -476,8 +489,8 @@ def build_train_loader(
         max_seq_len: L, tokens per pack/row.
         micro_batch_size: B, packs per batch.
         rank, world_size: this process's global rank and the number of ranks.
-        num_workers: DataLoader worker processes (0: iterate in this process); also the number
-            of sub-streams, so it is part of the data order.
+        num_workers: DataLoader worker processes (0: iterate in this process); must divide
+            ``num_streams``; not part of the data order.
         seed: base seed, shared by all ranks.
         buffer_size: Packer buffer, in samples (undecoded).
         crop_size: S, pixels; shape of the empty ``pixel_values`` [0, 3, S, S].
@@ -498,6 +511,8 @@ def build_train_loader(
             (the batch's longest pack rounded up to ``pad_to_multiple_of``), see
             :func:`collate_packs`.
         pad_to_multiple_of: ``"longest"`` only: row-length granularity in tokens.
+        num_streams: S, independent sub-streams per rank (part of the data order; each holds its
+            own shuffle and packing buffers).
 
     Returns:
         An iterable of batch dicts (docs/architecture.md) that never ends: the ``PackedStream``
@@ -506,12 +521,16 @@ def build_train_loader(
 
     Raises:
         ValueError: no shards match, a local shard is missing, ``rank`` outside
-            ``[0, world_size)``, ``micro_batch_size < 1``, a bad ``overlong``, or no length_fn.
+            ``[0, world_size)``, ``micro_batch_size < 1``, a bad ``overlong``, no length_fn, or
+            ``num_workers`` that does not divide ``num_streams``.
     """
+    if num_streams < 1 or num_streams % max(1, num_workers):
+        raise ValueError(f"num_workers={num_workers} must divide num_streams={num_streams} (>= 1): the "
+                         "workers share the sub-streams evenly")
     stream = PackedStream(
         expand_urls(urls), process_fn, length_fn=_length_fn(process_fn, length_fn), train=True,
         max_seq_len=max_seq_len, micro_batch_size=micro_batch_size, rank=rank, world_size=world_size,
-        seed=seed, num_streams=max(1, num_workers), start_batch=start_batch, buffer_size=buffer_size,
+        seed=seed, num_streams=num_streams, start_batch=start_batch, buffer_size=buffer_size,
         shuffle_buffer=shuffle_buffer, crop_size=crop_size, max_images_per_pack=max_images_per_pack,
         pad_token_id=pad_token_id, overlong=overlong, pad_images_to=pad_images_to,
         pad_image_tokens=pad_image_tokens, pack=pack, strategy=packing_strategy, padding=padding,
