@@ -167,7 +167,7 @@ class RuleModel(torch.nn.Module):
         self.w = torch.nn.Parameter(torch.zeros(()))
         self.rule, self.second, self.vocab, self.calls = rule, second or {}, vocab, 0
 
-    def forward(self, input_ids, pixel_values=None, image_sizes=None):
+    def forward(self, input_ids, pixel_values=None, image_sizes=None, position_ids=None):
         self.calls += 1
         logits = torch.zeros(*input_ids.shape, self.vocab)
         for (b, t), tok in zip(torch.cartesian_prod(*map(torch.arange, input_ids.shape)).tolist(), input_ids.flatten().tolist()):

@@ -1,5 +1,5 @@
 """Training-side model behaviour: packing on every attention backend, the flash varlen plumbing, gradient
-checkpointing, freezing, the loss paths, cache-less greedy decoding, and the loss-memory benchmark.
+checkpointing, freezing, the loss paths, greedy decoding (cached and cache-less), and the loss-memory benchmark.
 
 Packed batches come from the real collate (`collate_packs`, B = 2 rows); the config switches longrope to the
 long factors past 32 positions, so packs mix long-factor and short-factor documents.
@@ -280,3 +280,53 @@ def test_memory_benchmark_chunked_loss_needs_less_memory(tmp_path):
     assert chunked["step_peak_mib"] < full["step_peak_mib"] / 3
     assert chunked["loss_rel_diff"] < 1e-6 and chunked["grad_hidden_max_abs_diff"] < 1e-6
     assert chunked["grad_weight_max_abs_diff"] < 1e-4
+
+
+def _peaked_model(attn: str) -> Phi3VForCausalLM:
+    """The longrope test config with a large init, so greedy argmaxes have no near-ties."""
+    config = small_context_config()
+    config.text_config.initializer_range = 0.5
+    torch.manual_seed(0)
+    return Phi3VForCausalLM._from_config(config, attn_implementation=attn, dtype=torch.float32).eval()
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_cached_generation_equals_uncached(attn):
+    """KV-cached greedy decoding (left-padded ragged rows, images) == re-running the whole sequence,
+    for rows that stay short, rows already past the longrope switch, and a row that crosses it
+    (that batch goes down the uncached path); the cache embeds each token once."""
+    from phi3v_train.generate import _can_cache, greedy_generate, score_answers
+
+    model = _peaked_model(attn)
+    config = model.config
+    short = [make_sample(config, c, seed=50 + i) for i, c in enumerate([[(1, 1)], [(1, 2)], []])]
+    prompts = [{k: s[k] for k in ("input_ids", "pixel_values", "image_sizes")} | {"input_ids": s["input_ids"][:-5]}
+               for s in short]
+    lengths = [len(p["input_ids"]) for p in prompts]
+    assert len(set(lengths)) == 3 and max(lengths) + 6 <= ORIGINAL  # ragged, short throughout
+    embedded = []
+    hook = model.model.embed_tokens.register_forward_pre_hook(lambda m, args: embedded.append(args[0].numel()))
+    cached = greedy_generate(model, prompts, max_new_tokens=6, batch_size=3, stop_token_id=-1, vocab_limit=32045)
+    hook.remove()
+    plain = greedy_generate(model, prompts, max_new_tokens=6, batch_size=3, stop_token_id=-1, vocab_limit=32045,
+                            use_cache=False)
+    assert [g.token_ids for g in cached] == [g.token_ids for g in plain] and all(len(g.token_ids) == 6 for g in plain)
+    assert embedded == [3 * max(lengths)] + [3] * 5  # the prompt once, then one token per row per step
+
+    long_doc = make_sample(config, [(1, 2), (2, 1)], seed=31)
+    long_prompts = [{"input_ids": long_doc["input_ids"][:-5], "pixel_values": long_doc["pixel_values"],
+                     "image_sizes": long_doc["image_sizes"]}, prompts[0]]
+    assert len(long_prompts[0]["input_ids"]) > ORIGINAL
+    assert _can_cache(model, [len(long_prompts[0]["input_ids"])], 6)
+    assert not _can_cache(model, [len(p["input_ids"]) for p in long_prompts], 20)  # the short row crosses 32
+    for n in (6, 20):
+        kw = dict(max_new_tokens=n, batch_size=2, stop_token_id=-1, vocab_limit=32045)
+        assert ([g.token_ids for g in greedy_generate(model, long_prompts[:1], **kw)] ==
+                [g.token_ids for g in greedy_generate(model, long_prompts[:1], use_cache=False, **kw)])
+        assert ([g.token_ids for g in greedy_generate(model, long_prompts, **kw)] ==
+                [g.token_ids for g in greedy_generate(model, long_prompts, use_cache=False, **kw)])
+    # teacher-forced scores of right-padded rows: a short row next to a long one scores as alone
+    targets = [long_doc, short[0]]
+    alone_scores = score_answers(model, targets, batch_size=1)
+    batched = score_answers(model, targets, batch_size=2)
+    assert [a.loss_sum for a in batched] == pytest.approx([a.loss_sum for a in alone_scores], rel=1e-5)

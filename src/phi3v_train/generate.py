@@ -1,15 +1,18 @@
-"""Greedy generation for `Phi3VForCausalLM`, which has no KV cache.
+"""Greedy generation for `Phi3VForCausalLM`: batched, with a KV cache.
 
-Each step re-runs the whole batch (prompt + tokens so far, CLIP included) and takes the argmax
-at every row's last real token. Rows are right-padded with `<|endoftext|>` (32000) and use the
-default positions 0..T-1: under a causal mask a real token never attends to the padding after
-it, so no attention mask is needed and every row's logits equal those of the row alone.
+Cached (models with `supports_generation_cache`, i.e. `Phi3VForCausalLM`): the prompts are
+left-padded with `<|endoftext|>` (32000) under an attention mask, positions count from each row's
+first real token, one forward runs all prompts (CLIP included) into a transformers `DynamicCache`,
+then every step feeds one token per row; only the last position's logits are computed
+(`logits_to_keep=1`). A row's logits equal those of the row alone. One exception is sent down the
+uncached path: a longrope row that would cross `original_max_position_embeddings` (4096) while
+generating, since its prompt was encoded with the short factors that the longer sequence no
+longer uses.
 
-Cost: one step costs a full forward over the longest row, so a generation of n tokens costs
-about n prefills. That is fine for the tiny model and for short answers (the reference answer is
-<= 38 tokens); for the real model (~2.5k image tokens per image at num_crops=16) it is ~40x the
-cost of a cached decoder, and all B x T x 32064 logits are materialised each step (a model with a
-KV cache and `logits_to_keep` would remove both costs).
+Uncached (any model called as `model(input_ids, position_ids, pixel_values, image_sizes).logits`):
+each step re-runs the whole batch, right-padded; the padding tail of a row is its own document
+(positions restart at 0), so it neither sees the row nor makes a short row look long to longrope.
+A generation of n tokens costs about n prefills.
 
 Under ZeRO-3 every forward all-gathers parameters collectively, so all ranks must run the same
 number of forwards: callers give every rank the same number of prompts (pad with dummies) and
@@ -64,6 +67,7 @@ def greedy_generate(
     vocab_limit: int | None = None,
     sync: Callable[[bool], bool] | None = None,
     device: torch.device | str | None = None,
+    use_cache: bool = True,
 ) -> list[Generation]:
     """Greedy decoding of `prompts` in batches of `batch_size`, stopping each row at `stop_token_id`.
 
@@ -83,9 +87,13 @@ def greedy_generate(
             ZeRO-3 pass `any_rank` and give every rank the same number of prompts, so that all
             ranks run the same number of forwards. Without it a batch stops when its rows stop.
         device: where inputs go (default: the device of the model's first parameter, else CPU).
+        use_cache: decode with a KV cache where the model has one (see the module docstring).
 
     Returns:
         One `Generation` per prompt, in order.
+
+    Raises:
+        ValueError: ``max_new_tokens < 1`` or ``batch_size < 1``.
     """
     if max_new_tokens < 1 or batch_size < 1:
         raise ValueError(f"need max_new_tokens >= 1 and batch_size >= 1, got {max_new_tokens}, {batch_size}")
@@ -94,43 +102,108 @@ def greedy_generate(
         device = param.device if param is not None else torch.device("cpu")
     results: list[Generation] = []
     for start in range(0, len(prompts), batch_size):
-        results += _generate_batch(model, prompts[start:start + batch_size], max_new_tokens, stop_token_id,
-                                   pad_token_id, banned_token_ids, vocab_limit, sync, device)
+        batch = prompts[start:start + batch_size]
+        cached = use_cache and _can_cache(model, [int(p["input_ids"].numel()) for p in batch], max_new_tokens)
+        step = _cached_steps if cached else _uncached_steps
+        results += _generate_batch(step(model, batch, max_new_tokens, pad_token_id, device), len(batch), max_new_tokens,
+                                   stop_token_id, banned_token_ids, vocab_limit, sync)
     return results
 
 
-def _generate_batch(model, batch, max_new_tokens, stop_token_id, pad_token_id, banned_token_ids, vocab_limit,
-                    sync, device) -> list[Generation]:
+def padded_positions(lengths: Sequence[int], width: int | None = None) -> torch.Tensor:
+    """position_ids [B, width] of right-padded rows: 0..n-1 over a row's n tokens, then 0.. again
+    over its padding, which is thereby a separate document (no attention to or from the row, and
+    longrope sees the row's own length). ``width`` defaults to ``max(lengths)``."""
+    width = max(lengths) if width is None else width
+    pos = torch.arange(width).repeat(len(lengths), 1)  # [B, width]
+    for i, n in enumerate(lengths):
+        pos[i, n:] = torch.arange(width - n)
+    return pos
+
+
+def _can_cache(model, lengths: list[int], max_new_tokens: int) -> bool:
+    """The model keeps a KV cache, and no longrope row crosses the short/long factor boundary."""
+    if not getattr(model, "supports_generation_cache", False):
+        return False
+    rope = model.model.rotary_emb
+    if getattr(rope, "is_longrope", False):
+        boundary = rope.original_max_positions
+        return not any(n <= boundary < n + max_new_tokens for n in lengths)
+    return True
+
+
+def _uncached_steps(model, batch, max_new_tokens, pad_token_id, device):
+    """One batch as a generator: each ``next``/``send([(row, token), ...])`` appends the tokens of
+    the rows still running, runs one forward and yields the logits at every row's last token [B, V]."""
     lengths = [int(p["input_ids"].numel()) for p in batch]
     buf = torch.full((len(batch), max(lengths) + max_new_tokens), pad_token_id, dtype=torch.long)
     for i, p in enumerate(batch):
         buf[i, :lengths[i]] = p["input_ids"]
     pixel_values = torch.cat([p["pixel_values"] for p in batch]).to(device)
     image_sizes = torch.cat([p["image_sizes"].reshape(-1, 2) for p in batch]).to(device)
-    out: list[list[int]] = [[] for _ in batch]
-    running = [True] * len(batch)
     rows = torch.arange(len(batch))
+    while True:
+        logits = model(input_ids=buf[:, :max(lengths)].to(device), position_ids=padded_positions(lengths).to(device),
+                       pixel_values=pixel_values, image_sizes=image_sizes).logits
+        appended = yield logits[rows.to(logits.device), torch.tensor(lengths, device=logits.device) - 1]
+        for i, tok in appended:  # (row, token) of the rows still running
+            buf[i, lengths[i]] = tok
+            lengths[i] += 1
+
+
+def _cached_steps(model, batch, max_new_tokens, pad_token_id, device):
+    """As `_uncached_steps`, with a KV cache: prompts left-padded, one new token per row per step
+    (rows that have stopped are fed padding, their logits ignored)."""
+    from transformers import DynamicCache
+
+    lengths = [int(p["input_ids"].numel()) for p in batch]
+    width = max(lengths)
+    ids = torch.full((len(batch), width), pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for i, p in enumerate(batch):
+        ids[i, width - lengths[i]:], mask[i, width - lengths[i]:] = p["input_ids"], 1
+    mask = mask.to(device)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)  # [B, T]: 0.. from each row's first real token
+    cache = DynamicCache(config=model.config.text_config)
+    logits = model(input_ids=ids.to(device), attention_mask=mask, position_ids=positions, cache=cache, logits_to_keep=1,
+                   pixel_values=torch.cat([p["pixel_values"] for p in batch]).to(device),
+                   image_sizes=torch.cat([p["image_sizes"].reshape(-1, 2) for p in batch]).to(device)).logits
+    while True:
+        appended = yield logits[:, -1]
+        feed = torch.full((len(batch), 1), pad_token_id, dtype=torch.long)
+        for i, tok in appended:
+            feed[i, 0] = tok
+        mask = torch.cat([mask, mask.new_ones(len(batch), 1)], dim=1)
+        positions = positions[:, -1:] + 1
+        logits = model(input_ids=feed.to(device), attention_mask=mask, position_ids=positions, cache=cache,
+                       logits_to_keep=1).logits
+
+
+def _generate_batch(steps, batch_size, max_new_tokens, stop_token_id, banned_token_ids, vocab_limit,
+                    sync) -> list[Generation]:
+    """Drive a step generator: one forward per step (all ranks alike under ZeRO-3 via `sync`)."""
+    out: list[list[int]] = [[] for _ in range(batch_size)]
+    running = [True] * batch_size
+    appended = None
     for _ in range(max_new_tokens):
         if not (sync(any(running)) if sync is not None else any(running)):
             break
-        logits = model(input_ids=buf[:, :max(lengths)].to(device), pixel_values=pixel_values,
-                       image_sizes=image_sizes).logits
-        last = logits[rows.to(logits.device), torch.tensor(lengths, device=logits.device) - 1].float()  # [B, V]
+        last = (next(steps) if appended is None else steps.send(appended)).float()  # [B, V]: one forward
         if vocab_limit is not None and vocab_limit < last.shape[-1]:
             last[:, vocab_limit:] = float("-inf")
         banned = [t for t in banned_token_ids if 0 <= t < last.shape[-1]]
         if banned:
             last[:, banned] = float("-inf")
-        next_ids = last.argmax(-1).tolist()
-        for i, tok in enumerate(next_ids):
+        appended = []
+        for i, tok in enumerate(last.argmax(-1).tolist()):
             if not running[i]:
                 continue
             if tok == stop_token_id:
                 running[i] = False
                 continue
             out[i].append(tok)
-            buf[i, lengths[i]] = tok
-            lengths[i] += 1
+            appended.append((i, tok))
+    steps.close()
     return [Generation(token_ids=o, stopped=not r) for o, r in zip(out, running)]
 
 
@@ -171,7 +244,9 @@ def score_answers(
         for i, s in enumerate(batch):
             n = int(s["input_ids"].numel())
             ids[i, :n], labels[i, :n] = s["input_ids"], s["labels"]
-        logits = model(input_ids=ids.to(device), pixel_values=torch.cat([s["pixel_values"] for s in batch]).to(device),
+        lengths = [int(s["input_ids"].numel()) for s in batch]
+        logits = model(input_ids=ids.to(device), position_ids=padded_positions(lengths, width).to(device),
+                       pixel_values=torch.cat([s["pixel_values"] for s in batch]).to(device),
                        image_sizes=torch.cat([s["image_sizes"].reshape(-1, 2) for s in batch]).to(device)).logits
         for i in range(len(batch)):
             pos = (labels[i, 1:] != -100).nonzero().flatten()  # logits positions t predicting labels[t + 1]

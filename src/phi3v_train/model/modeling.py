@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import CLIPVisionConfig, PreTrainedModel
+from transformers.cache_utils import Cache
 from transformers import initialization as init
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 from transformers.modeling_flash_attention_utils import prepare_fa_kwargs_from_position_ids
@@ -215,12 +216,17 @@ class Phi3VModel(nn.Module):
         self.rotary_emb = Phi3VRotaryEmbedding(config=text)
 
     def embed(
-        self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None, image_sizes: torch.Tensor | None
+        self,
+        input_ids: torch.Tensor,
+        pixel_values: torch.Tensor | None,
+        image_sizes: torch.Tensor | None,
+        dummy_vision: bool = True,
     ) -> torch.Tensor:
         """Token embeddings [B, T, H] with the image features written at the `image_token_id` positions.
 
         Without images the vision path still runs on a zero dummy 1x1-crop image and adds
-        `0 * features.sum()`: under ZeRO-3 every rank must run (and get gradients for) the same
+        `0 * features.sum()` (unless `dummy_vision=False`: cached decoding steps, which no rank runs
+        with images): under ZeRO-3 every rank must run (and get gradients for) the same
         parameters every micro-step, or the collectives mismatch or hang (spec "Known failures").
         Raises ValueError when the number of image tokens differs from the number of features.
         """
@@ -232,6 +238,8 @@ class Phi3VModel(nn.Module):
                 raise ValueError(
                     f"input_ids has {num_image_tokens} image tokens ({self.image_token_id}) but no pixel_values"
                 )
+            if not dummy_vision:
+                return embeds
             size = self.crop_size
             dummy = embeds.new_zeros(2, 3, size, size)  # global view + one sub-crop
             features = self.vision_embed_tokens(dummy, torch.tensor([[size, size]]))
@@ -256,10 +264,12 @@ class Phi3VModel(nn.Module):
         attention_mask: torch.Tensor | None = None,
         cu_seqlens: torch.Tensor | None = None,
         max_seqlen: int | None = None,
+        cache: Cache | None = None,
     ) -> torch.Tensor:
         """Final hidden states [B, T, H] (after `norm`). Shapes as in `Phi3VForCausalLM.forward`."""
-        hidden = self.embed_dropout(self.embed(input_ids, pixel_values, image_sizes))
-        return self.decode(hidden, position_ids, attention_mask, cu_seqlens, max_seqlen)
+        decoding = cache is not None and cache.get_seq_length() > 0  # a cached step after the prompt
+        hidden = self.embed_dropout(self.embed(input_ids, pixel_values, image_sizes, dummy_vision=not decoding))
+        return self.decode(hidden, position_ids, attention_mask, cu_seqlens, max_seqlen, cache)
 
     def decode(
         self,
@@ -268,8 +278,13 @@ class Phi3VModel(nn.Module):
         attention_mask: torch.Tensor | None = None,
         cu_seqlens: torch.Tensor | None = None,
         max_seqlen: int | None = None,
+        cache: Cache | None = None,
     ) -> torch.Tensor:
         """Run the decoder layers and the final norm on input embeddings hidden [B, T, H] -> [B, T, H].
+
+        With a `cache` (transformers `DynamicCache`, generation only) the keys and values of these T
+        tokens are appended to it and attention covers the cached ones too; `attention_mask` [B, S]
+        (S = cached + T tokens, 0 = left padding) and `position_ids` [B, T] must then be given.
 
         How documents of a packed row are kept apart, per attention backend:
         - flash_attention_*: `cu_seqlens` [D + 1] over the flattened B*T tokens and `max_seqlen` (int)
@@ -283,7 +298,8 @@ class Phi3VModel(nn.Module):
             position_ids = torch.arange(hidden.shape[1], device=hidden.device).expand(hidden.shape[0], -1)
         position_embeddings = self.rotary_emb(hidden, position_ids=position_ids)  # longrope: per document
         attn_kwargs, mask = {}, None
-        if attention_mask is None and (self.config._attn_implementation or "").startswith("flash_attention"):
+        flash = (self.config._attn_implementation or "").startswith("flash_attention")
+        if attention_mask is None and cache is None and flash:
             # flash-attn varlen over the flattened B*T tokens. transformers' own detection from
             # position_ids only works for B == 1 (B > 1 would silently attend across documents).
             if cu_seqlens is None:
@@ -302,7 +318,7 @@ class Phi3VModel(nn.Module):
                 config=self.config,
                 inputs_embeds=hidden,
                 attention_mask=attention_mask,
-                cache=None,
+                cache=cache,
                 position_ids=position_ids,
             )
         for layer in self.layers:
@@ -311,6 +327,8 @@ class Phi3VModel(nn.Module):
                 attention_mask=mask,
                 position_ids=position_ids,
                 position_embeddings=position_embeddings,
+                cache=cache,
+                use_cache=cache is not None,
                 **attn_kwargs,
             )
         return self.norm(hidden)
@@ -341,8 +359,9 @@ class Phi3VForCausalLM(PreTrainedModel):
     `from_pretrained(dir)` (an official checkpoint directory loads as is: same names, and
     `Phi3VConfig.from_dict` translates its flat config.json). Attention: "eager", "sdpa", "flex_attention", or
     "flash_attention_2" when flash_attn is installed; the vision tower uses the same one.
-    No KV cache: this class trains and scores; `generate_greedy` is a slow cache-less greedy decode
-    for evaluation.
+    Generation: `forward(..., cache=DynamicCache(...), logits_to_keep=1)` runs the prompt, then one
+    token per step against the cache (`phi3v_train.generate.greedy_generate` does this for batches of
+    left-padded prompts); `generate_greedy` is the cache-less reference decode of one prompt.
 
     Loss (`loss_impl`): "chunked" (`chunked_cross_entropy`, any device), "liger" (Liger's fused linear
     cross-entropy; CUDA + liger-kernel), "auto" (liger when importable and the hidden states are on CUDA,
@@ -350,6 +369,7 @@ class Phi3VForCausalLM(PreTrainedModel):
     """
 
     config_class = Phi3VConfig
+    supports_generation_cache = True  # forward(cache=DynamicCache, logits_to_keep=1): see generate.py
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
     _no_split_modules = ["Phi3DecoderLayer", "CLIPEncoderLayer"]
@@ -426,6 +446,8 @@ class Phi3VForCausalLM(PreTrainedModel):
         num_items_in_batch: int | torch.Tensor | None = None,
         cu_seqlens: torch.Tensor | None = None,
         max_seqlen: int | None = None,
+        cache: Cache | None = None,
+        logits_to_keep: int = 0,
         **kwargs,
     ) -> CausalLMOutputWithPast:
         """Run the model on one micro-batch (the collate output of `docs/architecture.md`).
@@ -443,6 +465,9 @@ class Phi3VForCausalLM(PreTrainedModel):
                 number of labelled tokens here.
             cu_seqlens: [D + 1] int32 document boundaries over the flattened B*T tokens, max_seqlen: int;
                 used by flash_attention_* only (derived from position_ids when absent).
+            cache: a transformers `DynamicCache` for generation (see `Phi3VModel.decode`): these tokens'
+                keys/values are appended; needs `attention_mask` and `position_ids`. None in training.
+            logits_to_keep: without labels, return logits for the last this many positions only (0 = all).
             **kwargs: other batch keys (num_tokens, num_label_tokens, num_samples, sample_keys, ...) are ignored.
 
         Returns:
@@ -452,9 +477,10 @@ class Phi3VForCausalLM(PreTrainedModel):
         Raises:
             ValueError: image-token count differs from the image features, or crops do not match image_sizes.
         """
-        hidden = self.model(input_ids, pixel_values, image_sizes, position_ids, attention_mask, cu_seqlens, max_seqlen)
+        hidden = self.model(input_ids, pixel_values, image_sizes, position_ids, attention_mask, cu_seqlens, max_seqlen,
+                            cache)
         if labels is None:
-            return CausalLMOutputWithPast(logits=self.lm_head(hidden))
+            return CausalLMOutputWithPast(logits=self.lm_head(hidden[:, -logits_to_keep:]))  # the cache: updated in place
         targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX).flatten()  # [B*T]: row ends predict nothing
         hidden = hidden.flatten(0, 1)  # [B*T, H]
         if self._use_liger(hidden):
