@@ -19,3 +19,7 @@ def test_bench_data_smoke(tmp_path, capsys):
     assert stages["HD transform (resize, normalise, crops, global view)"]["seconds"] > 0
     text = capsys.readouterr().out
     assert "packing efficiency" in text and "where the time goes" in text
+    md = (out / "report.md").read_text()
+    row = next(r for r in report["packing"] if r["max_seq_len"] == 8192 and r["strategy"] == "best_fill")
+    assert f"| 8192 | {100 * row['efficiency']:.2f}% |" in md and "## Where the time goes" in md
+    assert row["efficiency_all"] <= row["bound"] + 1e-9 and row["efficiency"] <= row["efficiency_longest"]  # bound: all packs

@@ -87,3 +87,7 @@ def test_train_loader_from_config_rows_of_longest_pack_and_padding_images(shards
         # 2 rows x 2 images, the real ones plus blank padding images of pad_tokens tokens each
         assert short["image_sizes"].shape[0] == 4 == short["num_images"] + short["num_pad_images"]
         assert short["num_tokens"] + short["num_pad_images"] * pad_tokens <= 2 * L
+    # data.pixel_dtype=auto: float32 for an fp32 run (demo.yaml), bfloat16 for a bf16 one
+    assert batches["longest"][0]["pixel_values"].dtype == torch.float32
+    cfg = load_config(str(REPO_ROOT / "configs/train/demo.yaml"), [*base, "deepspeed.precision=bf16"])
+    assert next(iter(build_loader(cfg, mcfg, urls, rank=0, world_size=1)))["pixel_values"].dtype == torch.bfloat16

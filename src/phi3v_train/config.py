@@ -78,6 +78,10 @@ class DataConfig:
     shared evenly by the workers. Part of the data order: keep it across resumes."""
     shuffle_buffer: int = 64
     """Undecoded samples held in the shuffle buffer of each sub-stream."""
+    pixel_dtype: str = "auto"
+    """dtype of the batches' pixel_values: auto (bfloat16 when deepspeed.precision=bf16, the values
+    the vision tower's first cast makes anyway, at half the bytes to move; else float32) |
+    float32 | bfloat16."""
     split_shards_by_rank: bool = False
     """Give each rank its own disjoint shard subset (shard i -> rank i % world) instead of
     resampling all shards on every rank."""
@@ -87,6 +91,8 @@ class DataConfig:
             raise ConfigError("data.num_crops must be >= 1 (or null for the model default)")
         if self.num_workers < 0:
             raise ConfigError("data.num_workers must be >= 0")
+        if self.pixel_dtype not in {"auto", "float32", "bfloat16"}:
+            raise ConfigError(f"data.pixel_dtype={self.pixel_dtype!r}: use auto, float32 or bfloat16")
         if self.num_streams < 1 or self.num_streams % max(1, self.num_workers):
             raise ConfigError(f"data.num_workers={self.num_workers} must divide data.num_streams={self.num_streams}: "
                               "the workers share the sub-streams evenly (e.g. num_streams=8 with 1, 2, 4 or 8 workers)")

@@ -99,7 +99,7 @@ def make_process_fn(processor: Phi3VProcessor):
 def build_loader(cfg: TrainConfig, mcfg, shards: list[str], *, rank: int, world_size: int, start_batch: int = 0):
     """This rank's endless stream of packed micro batches as the config sets it (data, packing,
     optim.micro_batch_size, seed): :func:`phi3v_train.data.stream.build_train_loader` with the
-    model config's crop and patch size.
+    model config's crop and patch size, pixel_values in ``data.pixel_dtype``.
 
     Args:
         cfg: the run config.
@@ -109,7 +109,11 @@ def build_loader(cfg: TrainConfig, mcfg, shards: list[str], *, rank: int, world_
         start_batch: micro batches this rank already consumed (resume: ``step * grad_accum``).
     """
     num_crops = cfg.data.num_crops or mcfg.num_crops
-    processor = Phi3VProcessor.from_pretrained(num_crops=num_crops, crop_size=mcfg.crop_size, patch_size=mcfg.patch_size)
+    pixel_dtype = cfg.data.pixel_dtype
+    if pixel_dtype == "auto":
+        pixel_dtype = "bfloat16" if cfg.deepspeed.precision == "bf16" else "float32"
+    processor = Phi3VProcessor.from_pretrained(num_crops=num_crops, crop_size=mcfg.crop_size, patch_size=mcfg.patch_size,
+                                               pixel_dtype=getattr(torch, pixel_dtype))
     p = cfg.packing
     return build_train_loader(
         shards, make_process_fn(processor), max_seq_len=p.max_seq_len, micro_batch_size=cfg.optim.micro_batch_size,
