@@ -285,3 +285,23 @@ def test_chunked_loss_equals_full_cross_entropy(skip_empty_chunks):
     empty, zero = chunked_cross_entropy(hidden, head, torch.full((50,), -100), chunk_size=8)
     empty.backward()  # no labels at all: still a graph, zero gradient
     assert zero == 0 and empty.item() == 0.0
+
+
+def test_chunked_loss_runs_the_chunk_count_asked_for():
+    """num_chunks (the largest count over ZeRO-3 ranks): extra lm_head calls on empty slices, in the
+    forward and again in the backward (recompute), the same loss and gradients."""
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 40, bias=False)
+    calls = []
+    head.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
+    hidden, labels = torch.randn(20, 16, requires_grad=True), torch.randint(0, 40, (20,))
+    loss, _ = chunked_cross_entropy(hidden, head, labels, chunk_size=8, skip_empty_chunks=False)
+    forward_calls = list(calls)
+    more, _ = chunked_cross_entropy(hidden, head, labels, chunk_size=8, skip_empty_chunks=False, num_chunks=5)
+    assert forward_calls == [8, 8, 4] and calls[3:] == [8, 8, 4, 0, 0]
+    calls.clear()
+    more.backward()
+    assert sorted(calls) == [0, 0, 4, 8, 8]  # the checkpointed chunks recompute: same calls in backward
+    torch.testing.assert_close(more, loss)
+    with pytest.raises(ValueError, match="num_chunks=2 < 3 chunks"):
+        chunked_cross_entropy(hidden, head, labels, chunk_size=8, num_chunks=2)

@@ -317,14 +317,15 @@ def test_cached_generation_equals_uncached(attn):
     long_prompts = [{"input_ids": long_doc["input_ids"][:-5], "pixel_values": long_doc["pixel_values"],
                      "image_sizes": long_doc["image_sizes"]}, prompts[0]]
     assert len(long_prompts[0]["input_ids"]) > ORIGINAL
+    n_short = len(prompts[0]["input_ids"])
     assert _can_cache(model, [len(long_prompts[0]["input_ids"])], 6)
-    assert not _can_cache(model, [len(p["input_ids"]) for p in long_prompts], 20)  # the short row crosses 32
-    for n in (6, 20):
+    assert _can_cache(model, [n_short], ORIGINAL - n_short + 1)  # last position fed: ORIGINAL - 1
+    assert not _can_cache(model, [n_short], ORIGINAL - n_short + 2)  # ... ORIGINAL: crosses the switch
+    for n in (6, 20):  # 20: the short row crosses, so the batch decodes uncached
         kw = dict(max_new_tokens=n, batch_size=2, stop_token_id=-1, vocab_limit=32045)
-        assert ([g.token_ids for g in greedy_generate(model, long_prompts[:1], **kw)] ==
-                [g.token_ids for g in greedy_generate(model, long_prompts[:1], use_cache=False, **kw)])
-        assert ([g.token_ids for g in greedy_generate(model, long_prompts, **kw)] ==
-                [g.token_ids for g in greedy_generate(model, long_prompts, use_cache=False, **kw)])
+        alone = [greedy_generate(model, [p], use_cache=False, **kw)[0].token_ids for p in long_prompts]
+        assert [g.token_ids for g in greedy_generate(model, long_prompts, **kw)] == alone
+        assert greedy_generate(model, long_prompts[:1], **kw)[0].token_ids == alone[0]
     # teacher-forced scores of right-padded rows: a short row next to a long one scores as alone
     targets = [long_doc, short[0]]
     alone_scores = score_answers(model, targets, batch_size=1)

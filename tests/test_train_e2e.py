@@ -341,3 +341,31 @@ def test_grad_accumulation_and_data_parallel_give_global_token_mean(tmp_path, lu
     largest = max(ref for _, ref in per_tensor.values())
     for name, (err, ref) in per_tensor.items():
         assert err <= 1e-5 * ref + 1e-7 * largest, (name, err, ref)
+
+
+def test_rows_of_the_longest_pack_train_like_full_rows(tmp_path, luma_shards):
+    """packing.padding=longest under 2-rank ZeRO-3: the ranks' rows differ in length, so do their
+    loss chunk counts (loss_chunk_size=4: ~60 lm_head calls, one weight all-gather each); they must
+    still agree (no hang, no abort), and every step's loss equals rows of max_seq_len."""
+    common = [f"data.shards={luma_shards}", *FAST, "optim.max_steps=3", "model.loss_chunk_size=4"]
+    full, short = tmp_path / "full", tmp_path / "short"
+    run_train(full, [*common, "packing.padding=max_length"])
+    run_train(short, [*common, "packing.padding=longest", "packing.pad_to_multiple_of=1"])
+    a, b = read_metrics(full), read_metrics(short)
+    assert [m["loss"] for m in b] == pytest.approx([m["loss"] for m in a], rel=1e-5)
+    assert [m["tokens"] for m in b] == [m["tokens"] for m in a]
+    assert all(mb["token_slots"] < ma["token_slots"] for ma, mb in zip(a, b))  # fewer padding slots computed
+    assert all(mb["packing_efficiency"] > ma["packing_efficiency"] == ma["pack_fill"] for ma, mb in zip(a, b))
+
+
+def test_resume_with_other_gradient_accumulation_continues_the_data(tmp_path, luma_shards):
+    """The loader resumes at the micro batches consumed (from the checkpoint), not at step x the new
+    gradient accumulation: 2 steps x 2 micro batches, then 1 step x 1 starts at micro batch 4."""
+    run_dir = tmp_path / "run"
+    common = [f"data.shards={luma_shards}", *FAST, "checkpoint.save_every=2"]
+    run_train(run_dir, [*common, "optim.max_steps=2", "optim.gradient_accumulation_steps=2"])
+    run_train(run_dir, [*common, "optim.max_steps=3", "optim.gradient_accumulation_steps=1"])
+    assert "at step 2 (micro batch 4)" in (run_dir / "logs/rank0.log").read_text()
+    meta = json.loads((run_dir / "checkpoints/step_0000003/meta.json").read_text())
+    assert meta["micro_batches_per_rank"] == 5 and meta["data_order"]["data.num_streams"] == 8
+    assert "another data order" not in (run_dir / "logs/rank1.log").read_text()

@@ -126,9 +126,10 @@ class PackingConfig:
     max_images_per_pack: int | None = None
     """Cap on images per pack (null: only max_seq_len caps a pack)."""
     pad_images_to: int | None = None
-    """Equal vision work per micro batch: every pack is padded with blank 1-crop images (label
-    -100, 313 tokens each at 336 px) to exactly this many images, so every rank runs the vision
-    tower on as many images; packs keep room for them (null: off)."""
+    """Equal image count per micro batch: every pack is padded with blank images (a global view
+    and one sub-crop, label -100, 313 tokens each at 336 px) to exactly this many images, so every
+    rank runs the vision tower on as many images (its crops still follow the real images' sizes);
+    packs keep room for them (null: off)."""
 
     def __post_init__(self):
         if self.max_seq_len < 16:

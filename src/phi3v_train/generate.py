@@ -83,9 +83,10 @@ def greedy_generate(
             make the next forward fail (image tokens without image features).
         vocab_limit: ids >= this are never generated (the tokenizer's size, 32045: the model's 32064
             rows include unused padding rows that no tokenizer can decode).
-        sync: `sync(local_any_running) -> global_any_running`, called before every step; under
-            ZeRO-3 pass `any_rank` and give every rank the same number of prompts, so that all
-            ranks run the same number of forwards. Without it a batch stops when its rows stop.
+        sync: `sync(local_flag) -> flag on any rank`, called before every step (any row still
+            running) and once per batch (any rank that cannot use the cache); under ZeRO-3 pass
+            `any_rank` and give every rank the same number of prompts, so that all ranks run the
+            same forwards through the same modules. Without it a batch stops when its rows stop.
         device: where inputs go (default: the device of the model's first parameter, else CPU).
         use_cache: decode with a KV cache where the model has one (see the module docstring).
 
@@ -104,6 +105,8 @@ def greedy_generate(
     for start in range(0, len(prompts), batch_size):
         batch = prompts[start:start + batch_size]
         cached = use_cache and _can_cache(model, [int(p["input_ids"].numel()) for p in batch], max_new_tokens)
+        if sync is not None:  # ZeRO-3: the ranks run the same modules, so one uncached rank makes all uncached
+            cached = not sync(not cached)
         step = _cached_steps if cached else _uncached_steps
         results += _generate_batch(step(model, batch, max_new_tokens, pad_token_id, device), len(batch), max_new_tokens,
                                    stop_token_id, banned_token_ids, vocab_limit, sync)
@@ -126,9 +129,9 @@ def _can_cache(model, lengths: list[int], max_new_tokens: int) -> bool:
     if not getattr(model, "supports_generation_cache", False):
         return False
     rope = model.model.rotary_emb
-    if getattr(rope, "is_longrope", False):
-        boundary = rope.original_max_positions
-        return not any(n <= boundary < n + max_new_tokens for n in lengths)
+    if getattr(rope, "is_longrope", False):  # prompt short (max position n - 1 < boundary), last fed
+        boundary = rope.original_max_positions  # position n + max_new_tokens - 2 long: a crossing row
+        return not any(n <= boundary <= n + max_new_tokens - 2 for n in lengths)
     return True
 
 

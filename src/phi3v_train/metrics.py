@@ -13,8 +13,8 @@ by the number of ranks; times are seconds per optimizer step, averaged over rank
 tokens, token_slots             non-padding tokens / all token slots (B x L) over all ranks
 label_tokens, samples, images   tokens with a label, samples, real images (all ranks)
 packing_efficiency              tokens / token_slots: share of the slots computed that hold real
-                                tokens (rows of the longest pack: ~1.0 even when packs of whole
-                                samples leave room)
+                                tokens (rows of the longest pack with micro_batch_size 1: ~1.0
+                                even when packs of whole samples leave room)
 pack_fill                       tokens / (packs x max_seq_len): how full the packs are (equals
                                 packing_efficiency with packing.padding=max_length)
 tokens_per_s[_per_device]       non-padding tokens per second

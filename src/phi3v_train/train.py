@@ -127,13 +127,15 @@ def build_loader(cfg: TrainConfig, mcfg, shards: list[str], *, rank: int, world_
 
 def data_order(cfg: TrainConfig, shards: list[str]) -> dict:
     """The settings that decide which samples land in which micro batch (saved in checkpoints):
-    a resume yields exactly the uninterrupted run's batches only when they are unchanged."""
+    a resume yields exactly the uninterrupted run's batches only when they are unchanged.
+    ``shards``: the whole training shard list (before ``data.split_shards_by_rank``)."""
     p = cfg.packing
     return {"seed": cfg.seed, "data.num_streams": cfg.data.num_streams, "data.shuffle_buffer": cfg.data.shuffle_buffer,
             "data.num_crops": cfg.data.num_crops, "optim.micro_batch_size": cfg.optim.micro_batch_size,
             "packing.max_seq_len": p.max_seq_len, "packing.buffer_size": p.buffer_size,
             "packing.enabled": p.enabled, "packing.strategy": p.strategy, "packing.overlong": p.overlong,
             "packing.max_images_per_pack": p.max_images_per_pack, "packing.pad_images_to": p.pad_images_to,
+            "data.split_shards_by_rank": cfg.data.split_shards_by_rank,
             "shards": len(shards),  # by name: the same shards moved to another folder read the same
             "shards_hash": hashlib.sha256("\n".join(u.rsplit("/", 1)[-1] for u in shards).encode()).hexdigest()[:16]}
 
@@ -343,7 +345,8 @@ def _run(cfg: TrainConfig, denv: dist.DistEnv, run_dir: Path, ds_config: dict, s
              engine.zero_optimization_stage(), local_numel)
 
     ckpt_dir = run_dir / "checkpoints"
-    start_step, num_skipped = 0, 0
+    start_step, num_skipped, start_batch = 0, 0, 0
+    order = data_order(cfg, resolve_shards(cfg.data.shards, "train"))  # the whole shard list, before any split
     resume_tag = [None]
     if denv.is_main and cfg.checkpoint.resume:
         checkpoint.remove_partial(ckpt_dir)
@@ -352,8 +355,13 @@ def _run(cfg: TrainConfig, denv: dist.DistEnv, run_dir: Path, ds_config: dict, s
     if resume_tag[0] is not None:
         state = checkpoint.load(engine, ckpt_dir, resume_tag[0], rank=denv.rank, world_size=denv.world_size)
         start_step, num_skipped = int(state["step"]), int(state.get("num_skipped_steps", 0))
-        log.info("resumed from %s at step %d", ckpt_dir / resume_tag[0], start_step)
-        if changed := data_order_changes(state.get("data_order"), data_order(cfg, shards)):
+        # micro batches consumed so far: right even if gradient accumulation changes on resume
+        start_batch = int(state.get("micro_batches_per_rank", start_step * o.gradient_accumulation_steps))
+        log.info("resumed from %s at step %d (micro batch %d)", ckpt_dir / resume_tag[0], start_step, start_batch)
+        if "data_order" not in state:
+            log.warning("the checkpoint does not record its data-order settings (older phi3v-train): the batches "
+                        "from step %d on may differ from those the uninterrupted run would have seen", start_step)
+        elif changed := data_order_changes(state["data_order"], order):
             log.warning("resuming with another data order than the checkpointed run (%s): the batches from "
                         "step %d on are valid but not those the uninterrupted run would have seen",
                         "; ".join(changed), start_step)
@@ -362,7 +370,7 @@ def _run(cfg: TrainConfig, denv: dist.DistEnv, run_dir: Path, ds_config: dict, s
 
     mcfg = model.config
     loader = build_loader(cfg, mcfg, shards, rank=denv.rank, world_size=denv.world_size,
-                          start_batch=start_step * o.gradient_accumulation_steps)  # exact resume: replays lengths only
+                          start_batch=start_batch)  # exact resume: replays lengths only
     batches = iter(loader)
     device = dist.device()
     meter = metrics.ThroughputMeter(
@@ -385,8 +393,9 @@ def _run(cfg: TrainConfig, denv: dist.DistEnv, run_dir: Path, ds_config: dict, s
             return
         checkpoint.save(engine, ckpt_dir, at_step, rank=denv.rank, world_size=denv.world_size,
                         keep_last=cfg.checkpoint.keep_last, config_path=run_dir / "config.yaml",
-                        client_state={"step": at_step, "micro_batches_per_rank": at_step * o.gradient_accumulation_steps,
-                                      "num_skipped_steps": num_skipped, "data_order": data_order(cfg, shards)},
+                        client_state={"step": at_step, "num_skipped_steps": num_skipped, "data_order": order,
+                                      "micro_batches_per_rank":
+                                          start_batch + (at_step - start_step) * o.gradient_accumulation_steps},
                         before_commit=_kill_in_save(cfg, at_step, denv.rank))
         last_saved = at_step
 

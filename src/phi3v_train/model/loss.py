@@ -33,6 +33,7 @@ def chunked_cross_entropy(
     chunk_size: int = 4096,
     ignore_index: int = -100,
     skip_empty_chunks: bool = True,
+    num_chunks: int | None = None,
 ) -> tuple[torch.Tensor, int]:
     """Sum of token cross-entropies of `lm_head(hidden)` against `labels`, chunk by chunk.
 
@@ -43,9 +44,12 @@ def chunked_cross_entropy(
         labels: [N] target ids, `ignore_index` where no loss is taken.
         chunk_size: tokens per chunk (peak memory ~ chunk_size x vocab x 4 bytes).
         skip_empty_chunks: skip chunks whose labels are all `ignore_index`. Under ZeRO-3 with more
-            than one rank this must be False, and N must be the same on every rank (fixed
-            max_seq_len padding): every `lm_head` call all-gathers its weight, so all ranks must make
-            the same number of calls or the collectives mismatch (checked: gloo aborts).
+            than one rank this must be False: every `lm_head` call all-gathers its weight, so all
+            ranks must make the same number of calls or the collectives mismatch (checked: gloo
+            aborts).
+        num_chunks: run exactly this many chunks (>= ceil(N / chunk_size)); the ones past the end
+            call `lm_head` on an empty slice and add 0. Under ZeRO-3, pass the largest count over
+            the ranks when N differs between them (rows of the longest pack).
 
     Returns:
         (loss_sum, num_tokens): fp32 scalar sum over labelled tokens (divide by the global token
@@ -55,10 +59,14 @@ def chunked_cross_entropy(
     if hidden.dim() != 2 or labels.shape != hidden.shape[:1]:
         raise ValueError(f"expected hidden [N, D] and labels [N], got {tuple(hidden.shape)} and {tuple(labels.shape)}")
     num_total = labels.numel()
-    starts = range(0, num_total, chunk_size)
+    needed = -(-num_total // chunk_size)
+    if num_chunks is not None and num_chunks < needed:
+        raise ValueError(f"num_chunks={num_chunks} < {needed} chunks of {chunk_size} for {num_total} tokens")
     # Labelled tokens per chunk in one device-to-host sync (not one per chunk).
     valid = F.pad(labels != ignore_index, (0, -num_total % chunk_size))
     counts = valid.view(-1, chunk_size).sum(dim=1).tolist() if num_total else []
+    counts += [0] * ((num_chunks or needed) - needed)  # empty slices: an lm_head call each, no loss
+    starts = range(0, len(counts) * chunk_size, chunk_size)
     loss_sum = None
     for start, count in zip(starts, counts):
         if skip_empty_chunks and count == 0:

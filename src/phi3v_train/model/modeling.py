@@ -225,9 +225,10 @@ class Phi3VModel(nn.Module):
         """Token embeddings [B, T, H] with the image features written at the `image_token_id` positions.
 
         Without images the vision path still runs on a zero dummy 1x1-crop image and adds
-        `0 * features.sum()` (unless `dummy_vision=False`: cached decoding steps, which no rank runs
-        with images): under ZeRO-3 every rank must run (and get gradients for) the same
+        `0 * features.sum()`: under ZeRO-3 every rank must run (and get gradients for) the same
         parameters every micro-step, or the collectives mismatch or hang (spec "Known failures").
+        `dummy_vision=False` skips it: cached decoding steps, where no rank has images and all
+        ranks decode with the cache together (`generate.greedy_generate` agrees on it with `sync`).
         Raises ValueError when the number of image tokens differs from the number of features.
         """
         embeds = self.embed_tokens(input_ids)  # [B, T, H]
@@ -352,6 +353,14 @@ def _is_multi_rank() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
+def _max_over_ranks(n: int, device: torch.device) -> int:
+    """The largest `n` over all ranks: one all-reduce of an int on `device` (the activations' device,
+    which the process group's backend serves: CUDA for NCCL, CPU for gloo), one host sync."""
+    t = torch.tensor([n], dtype=torch.int64, device=device)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return int(t.item())
+
+
 class Phi3VForCausalLM(PreTrainedModel):
     """Phi-3-Vision causal LM with the official parameter names (spec "Checkpoint keys").
 
@@ -466,13 +475,15 @@ class Phi3VForCausalLM(PreTrainedModel):
             cu_seqlens: [D + 1] int32 document boundaries over the flattened B*T tokens, max_seqlen: int;
                 used by flash_attention_* only (derived from position_ids when absent).
             cache: a transformers `DynamicCache` for generation (see `Phi3VModel.decode`): these tokens'
-                keys/values are appended; needs `attention_mask` and `position_ids`. None in training.
+                keys/values are appended; needs `attention_mask` [B, cached + T] (0 = left padding) and
+                `position_ids`. None in training.
             logits_to_keep: without labels, return logits for the last this many positions only (0 = all).
             **kwargs: other batch keys (num_tokens, num_label_tokens, num_samples, sample_keys, ...) are ignored.
 
         Returns:
-            `CausalLMOutputWithPast` with `logits` [B, T, V] when labels is None; otherwise `loss` (fp32
-            scalar, token-summed CE / divisor) and `logits` None (chunked loss, logits never materialised).
+            `CausalLMOutputWithPast` with `logits` [B, T, V] (or [B, logits_to_keep, V]) when labels is None;
+            otherwise `loss` (fp32 scalar, token-summed CE / divisor) and `logits` None (chunked loss, logits
+            never materialised).
 
         Raises:
             ValueError: image-token count differs from the image features, or crops do not match image_sizes.
@@ -487,14 +498,18 @@ class Phi3VForCausalLM(PreTrainedModel):
             loss_sum = self.lm_head(hidden, labels=targets, ignore_index=IGNORE_INDEX)  # one call on every rank
             num_tokens = None
         else:
+            multi_rank = _is_multi_rank()
             loss_sum, num_tokens = chunked_cross_entropy(
                 hidden,
                 self.lm_head,
                 targets,
                 chunk_size=self.loss_chunk_size,
                 ignore_index=IGNORE_INDEX,
-                # ZeRO-3: all ranks must call lm_head equally often (one weight all-gather per call).
-                skip_empty_chunks=not _is_multi_rank(),
+                # ZeRO-3: all ranks must call lm_head equally often (one weight all-gather per call),
+                # also when their rows differ in length (packing.padding=longest).
+                skip_empty_chunks=not multi_rank,
+                num_chunks=(_max_over_ranks(-(-hidden.shape[0] // self.loss_chunk_size), hidden.device)
+                            if multi_rank else None),
             )
         if num_items_in_batch is None:
             if num_tokens is None:
