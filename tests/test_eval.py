@@ -238,7 +238,8 @@ def tiny_model():
 
 
 def test_batched_generation_equals_one_by_one(tiny_model, mini_shards):
-    from phi3v_train.eval import _encode, read_samples, resolve_split
+    from phi3v_train.eval import read_samples, resolve_split
+    from phi3v_train.eval.run import _encode
     from phi3v_train.model.processor import Phi3VProcessor
 
     cfg = tiny_model.config
