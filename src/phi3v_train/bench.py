@@ -204,6 +204,9 @@ def run_point(point: BenchPoint, *, nproc: int, shards: Path, work_dir: Path, st
     shutil.rmtree(run_dir, ignore_errors=True)
     overrides = [f"run_dir={run_dir}", f"data.shards={shards}", f"optim.max_steps={steps}", "logging.log_every=1",
                  "optim.warmup_steps=0", "checkpoint.save_every=0", "process_group_timeout_s=120",
+                 # one sub-stream: a fresh packer buffer fills its first packs better than its steady
+                 # state, and a short run over 8 fresh sub-streams would measure only that start-up
+                 "data.num_streams=1",
                  *point.overrides(work_dir / "zero2.json"), *extra_overrides]
     cmd = torchrun_cmd(nproc, str(REPO_ROOT / base_config), overrides)
     t0 = time.time()
