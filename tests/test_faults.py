@@ -168,3 +168,32 @@ def test_nonfinite_steps_in_a_row_stop_the_run(tmp_path, luma_shards):
     assert "2 optimizer steps in a row (up to step 2) had a NaN/inf loss" in out
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [(m["step"], m["loss"], m["skipped_steps"]) for m in metrics] == [(1, None, 1)]
+
+
+def test_sigusr1_to_the_torchrun_agent_checkpoints_and_requeues(tmp_path, luma_shards):
+    """SLURM's --signal=USR1 reaches torchrun's agent too: it forwards the signal to the ranks (it
+    would die of it otherwise), which checkpoint at the next step boundary, requeue and exit 3."""
+    from phi3v_train.cli import torchrun_cmd
+
+    run_dir = tmp_path / "run"
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text(f"#!/bin/sh\necho \"$@\" >> {tmp_path / 'scontrol.log'}\n")
+    (bin_dir / "scontrol").chmod(0o755)
+    env = {**cpu_torchrun_env(), "SLURM_JOB_ID": "77", "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    cmd = torchrun_cmd(2, DEMO, [f"run_dir={run_dir}", f"data.shards={luma_shards}", *FAST, "optim.max_steps=200"])
+    agent = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not ((run_dir / "metrics.jsonl").exists() and
+                                              len((run_dir / "metrics.jsonl").read_text().splitlines()) >= 2):
+            time.sleep(0.5)
+        agent.send_signal(signal.SIGUSR1)
+        out, _ = agent.communicate(timeout=120)
+    finally:
+        agent.kill()
+    assert agent.returncode != -signal.SIGUSR1, out[-3000:]  # the agent survived the signal
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["preempted"] is True and 2 <= summary["last_step"] < 200, out[-3000:]
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == f"step_{summary['last_step']:07d}"
+    assert (tmp_path / "scontrol.log").read_text().split() == ["requeue", "77"]

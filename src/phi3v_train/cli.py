@@ -92,10 +92,17 @@ def cpu_torchrun_env() -> dict:
     return env
 
 
+# torchrun's agent dies of SIGUSR1/SIGUSR2 unless it handles them; handled, it forwards them to the
+# ranks (which checkpoint at the next step boundary and exit 3) and waits up to 30 s for them.
+TORCHRUN_SIGNALS = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1,SIGUSR2"
+
+
 def torchrun_cmd(nproc: int, config: str, overrides: list[str]) -> list[str]:
-    """The torchrun command line that runs ``phi3v-train train`` on ``nproc`` local ranks."""
+    """The torchrun command line that runs ``phi3v-train train`` on ``nproc`` local ranks; the
+    agent forwards the preemption signals (``TORCHRUN_SIGNALS``) to the ranks."""
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-            "-m", "phi3v_train.cli", "train", "--config", config, *overrides]
+            f"--signals_to_handle={TORCHRUN_SIGNALS}", "-m", "phi3v_train.cli", "train", "--config", config,
+            *overrides]
 
 
 def cmd_demo(args) -> int:
