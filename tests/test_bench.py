@@ -100,7 +100,8 @@ def test_aggregate_ratio_and_report(tmp_path):
                {"point": vars(BenchPoint("packed-512-eager", attn_implementation="eager")), "returncode": 1,
                 "error": "boom"}]
     longest = [_record(i, 900, 920, 0.9) for i in (2, 3)]
-    results.append({"point": vars(BenchPoint("packed-256-longest", seq_len=256, padding="longest")),
+    results.append({"point": vars(BenchPoint("packed-256-longest", seq_len=256, padding="longest",
+                                             extra=["packing.pad_to_multiple_of=8"])),
                     **aggregate(longest, warmup=0)})
     (ratio,) = packing_ratios(results)  # the longest-rows point has no padded twin
     assert ratio["seq_len"] == 256 and ratio["ratio"] == pytest.approx(3.0)
