@@ -101,6 +101,12 @@ def load_grid(spec: str) -> list[BenchPoint]:
 
 # ----------------------------------------------------------------------------------------- data
 
+def _num_workers(overrides: list[str], default: int = 0) -> int:
+    """max(1, data.num_workers) as the last such override sets it (the base config's: 0)."""
+    values = [int(x.split("=", 1)[1]) for x in overrides if x.startswith("data.num_workers=")]
+    return max(1, values[-1] if values else default)
+
+
 def luma_shards(work_dir: Path) -> Path:
     """Shards of the bundled Luma photos (written once into ``work_dir/shards``)."""
     out = work_dir / "shards"
@@ -204,9 +210,9 @@ def run_point(point: BenchPoint, *, nproc: int, shards: Path, work_dir: Path, st
     shutil.rmtree(run_dir, ignore_errors=True)
     overrides = [f"run_dir={run_dir}", f"data.shards={shards}", f"optim.max_steps={steps}", "logging.log_every=1",
                  "optim.warmup_steps=0", "checkpoint.save_every=0", "process_group_timeout_s=120",
-                 # one sub-stream: a fresh packer buffer fills its first packs better than its steady
-                 # state, and a short run over 8 fresh sub-streams would measure only that start-up
-                 "data.num_streams=1",
+                 # one sub-stream per loader worker: a fresh packer buffer fills its first packs better
+                 # than its steady state, and a short run over 8 fresh sub-streams measures only that
+                 f"data.num_streams={_num_workers([*point.extra, *extra_overrides])}",
                  *point.overrides(work_dir / "zero2.json"), *extra_overrides]
     cmd = torchrun_cmd(nproc, str(REPO_ROOT / base_config), overrides)
     t0 = time.time()

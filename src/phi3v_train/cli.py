@@ -93,16 +93,19 @@ def cpu_torchrun_env() -> dict:
 
 
 # torchrun's agent dies of SIGUSR1/SIGUSR2 unless it handles them; handled, it forwards them to the
-# ranks (which checkpoint at the next step boundary and exit 3) and waits up to 30 s for them.
+# ranks (which checkpoint at the next step boundary and exit 3), waits TORCHRUN_SHUTDOWN_S for them
+# (then SIGKILL), and exits 1 itself: the ranks' logs and summary.json say "preempted".
 TORCHRUN_SIGNALS = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1,SIGUSR2"
+TORCHRUN_SHUTDOWN_S = 270  # slurm/train.sbatch signals 300 s before the time limit
 
 
 def torchrun_cmd(nproc: int, config: str, overrides: list[str]) -> list[str]:
     """The torchrun command line that runs ``phi3v-train train`` on ``nproc`` local ranks; the
-    agent forwards the preemption signals (``TORCHRUN_SIGNALS``) to the ranks."""
+    agent forwards the preemption signals (``TORCHRUN_SIGNALS``) to the ranks and gives them
+    ``TORCHRUN_SHUTDOWN_S`` seconds to checkpoint."""
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-            f"--signals_to_handle={TORCHRUN_SIGNALS}", "-m", "phi3v_train.cli", "train", "--config", config,
-            *overrides]
+            f"--signals_to_handle={TORCHRUN_SIGNALS}", f"--shutdown_timeout={TORCHRUN_SHUTDOWN_S}",
+            "-m", "phi3v_train.cli", "train", "--config", config, *overrides]
 
 
 def cmd_demo(args) -> int:
