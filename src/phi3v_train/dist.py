@@ -232,3 +232,15 @@ def device() -> torch.device:
     if torch.cuda.is_available():
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
+
+
+def max_over_ranks(n: int, on: torch.device | None = None) -> int:
+    """The largest ``n`` over all ranks: one all-reduce of an int (and one host sync) on ``on``
+    (default :func:`device`; it must be one the process group's backend serves: CUDA for NCCL, CPU
+    for gloo). ``n`` itself without a process group or with one rank."""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return n
+    t = torch.tensor([n], dtype=torch.int64, device=on if on is not None else device())
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())

@@ -44,14 +44,9 @@ class Generation:
 
 def any_rank(flag: bool) -> bool:
     """True when `flag` is true on any rank (one all-reduce; a no-op without a process group)."""
-    dist = torch.distributed
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
-        return flag
-    from . import dist as phi_dist
+    from .dist import max_over_ranks
 
-    t = torch.tensor([int(flag)], dtype=torch.int32, device=phi_dist.device())
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
+    return bool(max_over_ranks(int(flag)))
 
 
 @torch.no_grad()
@@ -98,9 +93,7 @@ def greedy_generate(
     """
     if max_new_tokens < 1 or batch_size < 1:
         raise ValueError(f"need max_new_tokens >= 1 and batch_size >= 1, got {max_new_tokens}, {batch_size}")
-    if device is None:
-        param = next(model.parameters(), None)
-        device = param.device if param is not None else torch.device("cpu")
+    device = _input_device(model, device)
     results: list[Generation] = []
     for start in range(0, len(prompts), batch_size):
         batch = prompts[start:start + batch_size]
@@ -111,6 +104,20 @@ def greedy_generate(
         results += _generate_batch(step(model, batch, max_new_tokens, pad_token_id, device), len(batch), max_new_tokens,
                                    stop_token_id, banned_token_ids, vocab_limit, sync)
     return results
+
+
+def _input_device(model, device) -> torch.device:
+    """`device`, else the device of the model's first parameter, else the CPU."""
+    if device is not None:
+        return torch.device(device)
+    param = next(model.parameters(), None)
+    return param.device if param is not None else torch.device("cpu")
+
+
+def _images(batch: Sequence[dict], device) -> dict:
+    """The batch's crops and image sizes, concatenated in row order, on `device`."""
+    return {"pixel_values": torch.cat([p["pixel_values"] for p in batch]).to(device),
+            "image_sizes": torch.cat([p["image_sizes"].reshape(-1, 2) for p in batch]).to(device)}
 
 
 def padded_positions(lengths: Sequence[int], width: int | None = None) -> torch.Tensor:
@@ -142,12 +149,11 @@ def _uncached_steps(model, batch, max_new_tokens, pad_token_id, device):
     buf = torch.full((len(batch), max(lengths) + max_new_tokens), pad_token_id, dtype=torch.long)
     for i, p in enumerate(batch):
         buf[i, :lengths[i]] = p["input_ids"]
-    pixel_values = torch.cat([p["pixel_values"] for p in batch]).to(device)
-    image_sizes = torch.cat([p["image_sizes"].reshape(-1, 2) for p in batch]).to(device)
+    images = _images(batch, device)
     rows = torch.arange(len(batch))
     while True:
         logits = model(input_ids=buf[:, :max(lengths)].to(device), position_ids=padded_positions(lengths).to(device),
-                       pixel_values=pixel_values, image_sizes=image_sizes).logits
+                       **images).logits
         appended = yield logits[rows.to(logits.device), torch.tensor(lengths, device=logits.device) - 1]
         for i, tok in appended:  # (row, token) of the rows still running
             buf[i, lengths[i]] = tok
@@ -169,8 +175,7 @@ def _cached_steps(model, batch, max_new_tokens, pad_token_id, device):
     positions = (mask.cumsum(-1) - 1).clamp(min=0)  # [B, T]: 0.. from each row's first real token
     cache = DynamicCache(config=model.config.text_config)
     logits = model(input_ids=ids.to(device), attention_mask=mask, position_ids=positions, cache=cache, logits_to_keep=1,
-                   pixel_values=torch.cat([p["pixel_values"] for p in batch]).to(device),
-                   image_sizes=torch.cat([p["image_sizes"].reshape(-1, 2) for p in batch]).to(device)).logits
+                   **_images(batch, device)).logits
     while True:
         appended = yield logits[:, -1]
         feed = torch.full((len(batch), 1), pad_token_id, dtype=torch.long)
@@ -235,9 +240,7 @@ def score_answers(
     number of samples (a sample without labels scores 0 tokens). Logits at t are scored against
     labels[t + 1], as in training; only the labelled positions are taken out of the logits.
     """
-    if device is None:
-        param = next(model.parameters(), None)
-        device = param.device if param is not None else torch.device("cpu")
+    device = _input_device(model, device)
     out: list[AnswerScore] = []
     for start in range(0, len(samples), batch_size):
         batch = samples[start:start + batch_size]
@@ -249,8 +252,7 @@ def score_answers(
             ids[i, :n], labels[i, :n] = s["input_ids"], s["labels"]
         lengths = [int(s["input_ids"].numel()) for s in batch]
         logits = model(input_ids=ids.to(device), position_ids=padded_positions(lengths, width).to(device),
-                       pixel_values=torch.cat([s["pixel_values"] for s in batch]).to(device),
-                       image_sizes=torch.cat([s["image_sizes"].reshape(-1, 2) for s in batch]).to(device)).logits
+                       **_images(batch, device)).logits
         for i in range(len(batch)):
             pos = (labels[i, 1:] != -100).nonzero().flatten()  # logits positions t predicting labels[t + 1]
             if pos.numel() == 0:

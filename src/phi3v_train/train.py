@@ -299,6 +299,7 @@ def train(cfg: TrainConfig) -> dict:
     setup_logging(run_dir, denv.rank)
     ds_config = validate_for_launch(cfg, denv.world_size)  # all that can fail, before the process group
     shards = resolve_shards(cfg.data.shards, "train")
+    order = data_order(cfg, shards)  # the whole shard list, before any split
     if cfg.data.split_shards_by_rank:
         shards = shards[denv.rank::denv.world_size]
 
@@ -307,7 +308,7 @@ def train(cfg: TrainConfig) -> dict:
     log.info("launch environment (secrets masked): %s", dist.scrub_env(dict(os.environ)))
     with StopRequests(run_dir, denv.is_main) as stop:
         try:
-            return _run(cfg, denv, run_dir, ds_config, shards, backend, stop)
+            return _run(cfg, denv, run_dir, ds_config, shards, order, backend, stop)
         except NonFiniteLossError as e:
             log.error("%s", e)
             raise
@@ -320,9 +321,10 @@ def train(cfg: TrainConfig) -> dict:
             raise
 
 
-def _run(cfg: TrainConfig, denv: dist.DistEnv, run_dir: Path, ds_config: dict, shards: list[str], backend: str,
-         stop: StopRequests) -> dict:
-    """:func:`train` once the process group is up: build, resume, loop, save."""
+def _run(cfg: TrainConfig, denv: dist.DistEnv, run_dir: Path, ds_config: dict, shards: list[str], order: dict,
+         backend: str, stop: StopRequests) -> dict:
+    """:func:`train` once the process group is up: build, resume, loop, save. ``shards``: this
+    rank's; ``order``: :func:`data_order` of the whole list (saved in checkpoints)."""
     import deepspeed
 
     if denv.is_main:
@@ -346,7 +348,6 @@ def _run(cfg: TrainConfig, denv: dist.DistEnv, run_dir: Path, ds_config: dict, s
 
     ckpt_dir = run_dir / "checkpoints"
     start_step, num_skipped, start_batch = 0, 0, 0
-    order = data_order(cfg, resolve_shards(cfg.data.shards, "train"))  # the whole shard list, before any split
     resume_tag = [None]
     if denv.is_main and cfg.checkpoint.resume:
         checkpoint.remove_partial(ckpt_dir)

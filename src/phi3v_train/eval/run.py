@@ -134,19 +134,6 @@ def _encode(processor, sample: dict, with_answer: bool = False) -> dict:
     return processor.encode(processor.render_prompt([{"role": "user", "content": prompt}], True), images, answer)
 
 
-def _max_over_ranks(n: int) -> int:
-    import torch
-    import torch.distributed as tdist
-
-    from .. import dist
-
-    if not (tdist.is_available() and tdist.is_initialized() and tdist.get_world_size() > 1):
-        return n
-    t = torch.tensor([n], dtype=torch.int64, device=dist.device())
-    tdist.all_reduce(t, op=tdist.ReduceOp.MAX)
-    return int(t.item())
-
-
 def _gather_to_rank0(obj: list) -> list | None:
     import torch.distributed as tdist
 
@@ -162,6 +149,7 @@ def generate_rows(loaded: LoadedModel, samples: list[dict], *, max_new_tokens: i
     """Generate for this rank's samples (padded with dummies to the longest share, so all ranks
     run the same forwards), score the reference answer teacher-forced, gather to rank 0 and score
     there. Returns the rows on rank 0, else None."""
+    from ..dist import max_over_ranks
     from ..generate import any_rank, greedy_generate, score_answers
 
     processor = loaded.processor
@@ -177,7 +165,7 @@ def generate_rows(loaded: LoadedModel, samples: list[dict], *, max_new_tokens: i
         prompts.append(prompt if prompt is not None else _dummy_prompt(processor))
         targets.append(target if prompt is not None else _dummy_prompt(processor))
         errors.append(error if prompt is None else None)
-    share = _max_over_ranks(len(prompts))
+    share = max_over_ranks(len(prompts))
     prompts += [_dummy_prompt(processor)] * (share - len(prompts))
     targets += [_dummy_prompt(processor)] * (share - len(targets))
     scores = score_answers(loaded.module, targets, batch_size=batch_size)

@@ -33,6 +33,7 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from transformers.models.clip.modeling_clip import CLIPEncoder, CLIPVisionEmbeddings
 from transformers.models.phi3.modeling_phi3 import Phi3DecoderLayer, Phi3RMSNorm, Phi3RotaryEmbedding
 
+from ..dist import max_over_ranks
 from .config import Phi3VConfig
 from .keys import check_checkpoint, checkpoint_shapes
 from .loss import chunked_cross_entropy, liger_available, liger_linear_cross_entropy
@@ -353,14 +354,6 @@ def _is_multi_rank() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-def _max_over_ranks(n: int, device: torch.device) -> int:
-    """The largest `n` over all ranks: one all-reduce of an int on `device` (the activations' device,
-    which the process group's backend serves: CUDA for NCCL, CPU for gloo), one host sync."""
-    t = torch.tensor([n], dtype=torch.int64, device=device)
-    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-    return int(t.item())
-
-
 class Phi3VForCausalLM(PreTrainedModel):
     """Phi-3-Vision causal LM with the official parameter names (spec "Checkpoint keys").
 
@@ -498,7 +491,6 @@ class Phi3VForCausalLM(PreTrainedModel):
             loss_sum = self.lm_head(hidden, labels=targets, ignore_index=IGNORE_INDEX)  # one call on every rank
             num_tokens = None
         else:
-            multi_rank = _is_multi_rank()
             loss_sum, num_tokens = chunked_cross_entropy(
                 hidden,
                 self.lm_head,
@@ -507,9 +499,8 @@ class Phi3VForCausalLM(PreTrainedModel):
                 ignore_index=IGNORE_INDEX,
                 # ZeRO-3: all ranks must call lm_head equally often (one weight all-gather per call),
                 # also when their rows differ in length (packing.padding=longest).
-                skip_empty_chunks=not multi_rank,
-                num_chunks=(_max_over_ranks(-(-hidden.shape[0] // self.loss_chunk_size), hidden.device)
-                            if multi_rank else None),
+                skip_empty_chunks=not _is_multi_rank(),
+                num_chunks=max_over_ranks(-(-hidden.shape[0] // self.loss_chunk_size), hidden.device),
             )
         if num_items_in_batch is None:
             if num_tokens is None:
